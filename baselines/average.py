@@ -1,0 +1,22 @@
+"""Uniform merge (model-soup style): the plain mean of the candidates' task vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from negmerge.sources import SourceLike
+from negmerge.streaming import Where, merge_elementwise
+
+
+def _mean(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
+    total = tensors[0].clone()
+    for t in tensors[1:]:
+        total += t
+    return total / len(tensors)
+
+
+def average_merge(task_vectors: Sequence[SourceLike]) -> dict[str, torch.Tensor]:
+    """``mean_i tau_i``, streamed key by key."""
+    return merge_elementwise(task_vectors, _mean)

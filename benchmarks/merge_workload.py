@@ -1,0 +1,61 @@
+"""The merge benchmark's workload: K task vectors shaped like open_clip ViT-B-32's image encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from baselines import get_merge
+from negmerge import save_state
+
+
+def vit_b32_visual_shapes() -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the real architecture (random init, no weights needed)."""
+    import open_clip
+
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    return {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if torch.is_floating_point(v)}
+
+
+def write_pool(directory: Path, k: int, shapes: dict[str, tuple[int, ...]]) -> list[Path]:
+    """K correlated random task vectors (shared direction + per-candidate noise), as safetensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    common_gen = torch.Generator().manual_seed(0)
+    common = {key: torch.randn(shape, generator=common_gen) * 1e-3 for key, shape in shapes.items()}
+    paths = []
+    for i in range(k):
+        path = directory / f"tv{i:02d}.safetensors"
+        if not path.exists():
+            g = torch.Generator().manual_seed(i + 1)
+            save_state({key: c + torch.randn(c.shape, generator=g) * 1e-3 for key, c in common.items()}, path)
+        paths.append(path)
+    return paths
+
+
+def read_once(paths: list[Path], block: int = 1 << 24) -> None:
+    """The floor: read every byte of every file once (16 MiB at a time, so no memory grows)."""
+    buffer = bytearray(block)
+    view = memoryview(buffer)
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(view):
+                pass
+
+
+def streaming_merge(paths: list[Path], name: str = "negmerge") -> None:
+    get_merge(name)(paths)
+
+
+def naive_merge(paths: list[Path]) -> None:
+    """Read all K vectors into memory, stack them into one K x N matrix, reduce: the obvious script."""
+    flat = []
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            flat.append(torch.cat([f.get_tensor(key).reshape(-1) for key in f.keys()]))
+    stack = torch.stack(flat)
+    del flat
+    signs = torch.sign(stack)
+    keep = signs.sum(0).abs() == len(paths)
+    torch.where(keep, stack.mean(0), torch.zeros(()))
