@@ -11,10 +11,7 @@ from negmerge.streaming import Where, merge_elementwise
 
 
 def _mean(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-    total = tensors[0].clone()
-    for t in tensors[1:]:
-        total += t
-    return total / len(tensors)
+    return where.total / len(tensors)
 
 
 def average_merge(task_vectors: Sequence[SourceLike]) -> dict[str, torch.Tensor]:

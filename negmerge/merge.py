@@ -31,12 +31,11 @@ def required_votes(threshold: float, n: int) -> int:
 
 
 def _unanimous(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-    """Released rule, fast path: all > 0 iff min > 0, all < 0 iff max < 0 (three cheap passes)."""
-    total = tensors[0].clone()
+    """Released rule, fast path: all > 0 iff min > 0, all < 0 iff max < 0 (two passes; sum given)."""
+    total = where.total
     low = tensors[0].clone()
     high = tensors[0].clone()
     for t in tensors[1:]:
-        total += t
         torch.minimum(low, t, out=low)
         torch.maximum(high, t, out=high)
     keep = (low > 0) | (high < 0)

@@ -23,10 +23,12 @@ CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per candidate: K chunks plus accumu
 
 @dataclass(frozen=True)
 class Where:
-    """Which slice of which tensor a chunk is (for reducers that keep per-element side data)."""
+    """Which slice of which tensor a chunk is, plus the chunks' elementwise sum (already computed
+    for validation; reducers that need it should not recompute it)."""
 
     key: str
     start: int
+    total: torch.Tensor
 
 
 Reduce = Callable[[list[torch.Tensor], Where], torch.Tensor]
@@ -72,13 +74,19 @@ def iter_float32_chunks(tensor: torch.Tensor, chunk: int | None = None):
         yield start, part if part.dtype == torch.float32 else part.to(torch.float32)
 
 
-def _check_finite(chunks: list[torch.Tensor], sources: Sequence[TensorSource], key: str) -> None:
-    """Reject NaN/Inf. A sum is one vectorised pass (torch.isfinite is several): any NaN or Inf makes
-    it non-finite, and only then is the exact per-element test run, to name the culprit (a merely
-    overflowing sum of finite values passes that test)."""
-    for i, c in enumerate(chunks):
-        if not torch.isfinite(c.sum()) and not torch.isfinite(c).all():
-            raise MergeInputError(f"candidate {i} ({sources[i].name}): key {key!r} contains NaN or Inf")
+def _sum_checked(chunks: list[torch.Tensor], sources: Sequence[TensorSource], key: str) -> torch.Tensor:
+    """Elementwise sum of the K chunks, which doubles as the NaN/Inf check: any NaN or Inf input makes
+    the sum non-finite there (one add per candidate, versus several passes for torch.isfinite). Only
+    then is each candidate tested exactly, to name the culprit; a sum that merely overflowed from finite
+    values is no error."""
+    total = chunks[0].clone()
+    for c in chunks[1:]:
+        total += c
+    if not torch.isfinite(total).all():
+        for i, c in enumerate(chunks):
+            if not torch.isfinite(c).all():
+                raise MergeInputError(f"candidate {i} ({sources[i].name}): key {key!r} contains NaN or Inf")
+    return total
 
 
 def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[str, torch.Tensor]:
@@ -93,8 +101,8 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
         for parts in zip(*streams):
             start = parts[0][0]
             chunks = [c for _, c in parts]
-            _check_finite(chunks, sources, key)
-            merged = reduce(chunks, Where(key, start))
+            total = _sum_checked(chunks, sources, key)
+            merged = reduce(chunks, Where(key, start, total))
             flat_out[start : start + merged.numel()] = merged
         del tensors, streams
         out[key] = result

@@ -1,0 +1,1 @@
+"""negmerge-bench: the harness. config -> data/models -> candidate pool -> methods -> select -> metrics."""

@@ -1,0 +1,214 @@
+"""Suite configs: YAML validated on load. Any unknown key, method, dataset or backbone, empty grid or
+out-of-range floor is one clear error naming the field (pydantic does the field paths)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bench.errors import BenchError
+from bench.finetune import FinetuneParams
+
+SUITES_DIR = Path(__file__).parent / "suites"
+PARAM_FIELDS = {f.name for f in fields(FinetuneParams)}
+TASK_VECTOR_METHODS = ("single_best", "average", "ties", "magmax", "negmerge")
+CLIP_METHODS = ("zeroshot", *TASK_VECTOR_METHODS, "gradient_ascent")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackboneCfg(Strict):
+    name: str
+    pretrained: str | None = None  # open_clip tag, checkpoint file, "pretrain" (made by the suite) or None
+
+
+class PretrainCfg(Strict):
+    """Contrastive pretraining of a tiny open_clip model on offline images with class-name captions."""
+
+    datasets: dict[str, float]  # dataset -> fraction of its training split used
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(256, gt=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = 0.1
+    seed: int = 0
+
+
+class DataCfg(Strict):
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    val_max: int = Field(5000, gt=0)
+    split_seed: int = 0
+    train_limit: int | None = Field(None, gt=0)
+    eval_limit: int | None = Field(None, gt=0)
+    root: str | None = None
+    download: bool = False
+
+
+class GridCfg(Strict):
+    """Candidates = ``base`` updated by every point of the cartesian product of ``grid`` axes."""
+
+    base: dict[str, Any] = {}
+    grid: dict[str, list[Any]]
+
+    @field_validator("base", "grid")
+    @classmethod
+    def _known_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - PARAM_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown hyperparameter {unknown[0]!r}; known: {', '.join(sorted(PARAM_FIELDS))}")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not grid or any(len(v) == 0 for v in grid.values()):
+            raise ValueError("the grid is empty: give at least one axis with at least one value")
+        return grid
+
+    def points(self, seed: int) -> list[FinetuneParams]:
+        axes = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[a] for a in axes)):
+            params = {"seed": seed, **self.base, **dict(zip(axes, values))}
+            out.append(FinetuneParams(**params))
+        return out
+
+
+class SelectionCfg(Strict):
+    lambda_start: float = 0.0
+    lambda_stop: float = 1.0
+    lambda_step: float = Field(0.05, gt=0)
+    floor: float = 0.95
+
+    @field_validator("floor")
+    @classmethod
+    def _floor_range(cls, v: float) -> float:
+        if not (0 < v <= 1):
+            raise ValueError(f"floor must be in (0, 1], got {v}")
+        return v
+
+
+class MiaCfg(Strict):
+    enabled: bool = True
+    max_per_class: int = Field(2000, gt=1)
+
+
+class ClipSuite(Strict):
+    """Protocol A: CLIP task negation (DESIGN.md §1)."""
+
+    protocol: Literal["clip"]
+    name: str
+    description: str = ""
+    seeds: list[int] = [0]
+    threads: int = Field(1, gt=0)
+    backbone: BackboneCfg
+    pretrain: PretrainCfg | None = None
+    forget: list[str]
+    control: str
+    data: DataCfg = DataCfg()
+    finetune: GridCfg
+    gradient_ascent: GridCfg | None = None
+    methods: list[str] = list(CLIP_METHODS)
+    merge_params: dict[str, dict[str, Any]] = {"ties": {"k": 0.2}, "negmerge": {"threshold": 1.0}}
+    selection: SelectionCfg = SelectionCfg()
+    mia: MiaCfg = MiaCfg()
+    eval_batch_size: int = Field(512, gt=0)
+    progress: bool = True
+
+    @field_validator("forget")
+    @classmethod
+    def _forget_known(cls, names: list[str]) -> list[str]:
+        from bench.data import DATASETS
+
+        if not names:
+            raise ValueError("give at least one forget dataset")
+        for n in names:
+            if n not in DATASETS:
+                raise ValueError(f"unknown dataset {n!r}; known: {', '.join(sorted(DATASETS))}")
+        return names
+
+    @field_validator("control")
+    @classmethod
+    def _control_known(cls, name: str) -> str:
+        from bench.data import DATASETS
+
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+        return name
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if n not in CLIP_METHODS:
+                raise ValueError(f"unknown method {n!r}; known: {', '.join(CLIP_METHODS)}")
+        return names
+
+    @field_validator("merge_params")
+    @classmethod
+    def _merge_params_known(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from baselines import MERGES
+
+        for n in params:
+            if n not in MERGES:
+                raise ValueError(f"unknown merge {n!r}; known: {', '.join(sorted(MERGES))}")
+        return params
+
+    @model_validator(mode="after")
+    def _consistency(self) -> ClipSuite:
+        if self.backbone.pretrained == "pretrain" and self.pretrain is None:
+            raise ValueError("backbone.pretrained is 'pretrain' but the suite has no pretrain section")
+        if "gradient_ascent" in self.methods and self.gradient_ascent is None:
+            raise ValueError("method gradient_ascent needs a gradient_ascent grid")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        return self
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise BenchError(f"--set {assignment!r}: expected key=value, e.g. --set selection.floor=0.9")
+    dotted, value = assignment.split("=", 1)
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BenchError(f"--set {assignment!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def suite_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise BenchError(f"config file {path} does not exist")
+        return path
+    candidate = SUITES_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in SUITES_DIR.glob("*.yaml")))
+        raise BenchError(f"unknown suite {name_or_path!r}; known suites: {known} (or give a .yaml path)")
+    return candidate
+
+
+def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSuite:
+    path = suite_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BenchError(f"{path}: not valid YAML ({exc})") from exc
+    for assignment in overrides or []:
+        _apply_override(raw, assignment)
+    try:
+        return ClipSuite.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise BenchError(f"{path}: {problems}") from None

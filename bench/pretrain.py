@@ -1,0 +1,72 @@
+"""Contrastive pretraining of a tiny open_clip model, so the offline suites have a backbone with
+real zero-shot ability (DESIGN.md §5): images from offline datasets, captions from their class names
+and templates ("a photo of the digit seven."). The result is an ordinary open_clip checkpoint
+(safetensors), cached by everything that produced it, then loaded like any pretrained weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bench.backbones import load_backbone
+from bench.config import DataCfg, PretrainCfg
+from bench.data import load_task
+from negmerge import save_state
+
+CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def pretrained_checkpoint(model_name: str, cfg: PretrainCfg, data: DataCfg, cache: Path, progress: bool = True) -> Path:
+    """Path of the pretrained checkpoint, training it first if it is not cached."""
+    spec = {"model": model_name, "pretrain": cfg.model_dump(), "split_seed": data.split_seed, "code": CODE_VERSION}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / "backbones" / f"{model_name}-{key}.safetensors"
+    if path.is_file():
+        return path
+    backbone = load_backbone(model_name, None, seed=cfg.seed)
+    model = backbone.model
+    images, caption_ids, captions = [], [], []
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for name, fraction in cfg.datasets.items():
+        task = load_task(name, val_fraction=data.val_fraction, val_max=data.val_max, split_seed=data.split_seed)
+        n = max(1, int(round(len(task.train) * fraction)))
+        idx = torch.randperm(len(task.train), generator=gen)[:n]
+        offset = len(captions)
+        for cls in task.classnames:
+            captions.append([t.replace("{c}", cls) for t in task.templates])
+        images.append(task.train.images[idx])
+        caption_ids.append(task.train.labels[idx] + offset)
+    x_all, c_all = torch.cat(images), torch.cat(caption_ids)
+    n_templates = max(len(c) for c in captions)
+    tokens = torch.stack([backbone.tokenizer([c[i % len(c)] for i in range(n_templates)]) for c in captions])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (cfg.steps - warmup)))
+    )
+    model.train()
+    for _ in tqdm(range(cfg.steps), desc=f"pretrain {model_name}", disable=not progress):
+        idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
+        cap = c_all[idx]
+        # one caption per distinct class in the batch: duplicates of a class are not negatives
+        classes, inverse = torch.unique(cap, return_inverse=True)
+        which = torch.randint(n_templates, (len(classes),), generator=gen)
+        img = F.normalize(model.encode_image(backbone.to_input(x_all[idx])), dim=-1)
+        txt = F.normalize(model.encode_text(tokens[classes, which]), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T  # (B, n_classes_in_batch)
+        loss = F.cross_entropy(logits, inverse)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    model.eval()
+    save_state({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+    return path

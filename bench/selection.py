@@ -1,0 +1,59 @@
+"""lambda selection (DESIGN.md §1): among grid points whose control Val top-1 >= floor x the zero-shot
+control Val top-1, the lowest forget Val top-1; ties go to the smaller lambda; none feasible is an
+explicit outcome, never a silent fallback."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Selection:
+    lam: float | None  # None: no feasible lambda
+    forget_val: float | None
+    control_val: float | None
+    at_grid_edge: bool  # the chosen lambda is the grid's largest: the grid may be too small
+    reason: str = ""
+
+    @property
+    def feasible(self) -> bool:
+        return self.lam is not None
+
+
+def lambda_grid(start: float, stop: float, step: float) -> list[float]:
+    """Inclusive grid, rounded so 0.05 steps give 0.35, not 0.35000000000000003."""
+    n = int(round((stop - start) / step))
+    return [round(start + i * step, 10) for i in range(n + 1)]
+
+
+def select_lambda(
+    lambdas: Sequence[float], forget_val: Sequence[float], control_val: Sequence[float], control_zero_shot: float, floor: float
+) -> Selection:
+    if not (len(lambdas) == len(forget_val) == len(control_val)) or not lambdas:
+        raise ValueError("lambdas, forget_val and control_val must be non-empty and of equal length")
+    minimum = floor * control_zero_shot
+    best: int | None = None
+    for i in sorted(range(len(lambdas)), key=lambda j: lambdas[j]):
+        if control_val[i] + 1e-9 < minimum:
+            continue
+        if best is None or forget_val[i] < forget_val[best] - 1e-12:
+            best = i
+    if best is None:
+        return Selection(None, None, None, False, f"no lambda keeps control Val >= {floor} x {control_zero_shot:.2f}")
+    return Selection(
+        float(lambdas[best]), float(forget_val[best]), float(control_val[best]), bool(lambdas[best] == max(lambdas))
+    )
+
+
+def best_single(selections: Sequence[Selection]) -> int | None:
+    """Index of the candidate whose selected point has the lowest forget Val (feasible only; ties: first)."""
+    feasible = [(s.forget_val, i) for i, s in enumerate(selections) if s.feasible]
+    return min(feasible)[1] if feasible else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0

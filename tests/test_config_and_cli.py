@@ -1,0 +1,63 @@
+"""Config validation errors name the field; the CLI lists and rejects clearly."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.cli import main
+from bench.config import load_suite
+from bench.errors import BenchError
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bogus=1", "bogus: Extra inputs are not permitted"),
+        ("methods=[negmerge,lasso]", "methods: Value error, unknown method 'lasso'"),
+        ("forget=[cifar7]", "forget: Value error, unknown dataset 'cifar7'"),
+        ("control=nope", "control: Value error, unknown dataset 'nope'"),
+        ("finetune.grid={}", "finetune.grid: Value error, the grid is empty"),
+        ("finetune.grid={lr: []}", "finetune.grid: Value error, the grid is empty"),
+        ("finetune.grid={learning_rate: [1]}", "unknown hyperparameter 'learning_rate'"),
+        ("selection.floor=0", "selection.floor: Value error, floor must be in (0, 1]"),
+        ("selection.floor=1.5", "selection.floor: Value error, floor must be in (0, 1]"),
+        ("merge_params={tie: {k: 0.2}}", "merge_params: Value error, unknown merge 'tie'"),
+    ],
+)
+def test_bad_config_names_the_field(override, message):
+    with pytest.raises(BenchError) as err:
+        load_suite("mini-clip", [override])
+    assert message in str(err.value)
+
+
+def test_unknown_suite_and_bad_override():
+    with pytest.raises(BenchError, match="unknown suite 'mini-clp'; known suites: .*mini-clip"):
+        load_suite("mini-clp")
+    with pytest.raises(BenchError, match="expected key=value"):
+        load_suite("mini-clip", ["selection.floor"])
+
+
+def test_unknown_backbone_fails_fast(capsys):
+    assert main(["run", "mini-clip", "--set", "backbone.name=ViT-Q-99", "--set", "backbone.pretrained=null",
+                 "--out", "/tmp/negmerge-never-written"]) == 2
+    assert "backbone.name: unknown model 'ViT-Q-99'" in capsys.readouterr().err
+
+
+def test_missing_pretrained_weights_fail_fast_offline(monkeypatch):
+    from bench.backbones import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/tmp/negmerge-empty-hf-home")
+    with pytest.raises(BenchError, match="not in the local Hugging Face cache"):
+        load_backbone("ViT-B-32", "openai")
+    with pytest.raises(BenchError, match="checkpoint file /nonexistent.pt does not exist"):
+        load_backbone("ViT-B-32", "/nonexistent.pt")
+    with pytest.raises(BenchError, match="no pretrained tag 'nonsense'"):
+        load_backbone("ViT-B-32", "nonsense")
+
+
+@pytest.mark.parametrize("what", ["suites", "methods", "datasets", "backbones"])
+def test_list(capsys, what):
+    assert main(["list", what]) == 0
+    out = capsys.readouterr().out
+    assert {"suites": "mini-clip", "methods": "negmerge", "datasets": "fashion-mnist", "backbones": "ViT-B-32"}[what] in out

@@ -1,0 +1,64 @@
+"""lambda selection rule, the SVC MIA and the loss-attack AUC against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.metrics import loss_attack_auc, mia_efficacy
+from bench.selection import best_single, lambda_grid, select_lambda
+
+
+def test_grid_is_inclusive_and_clean():
+    grid = lambda_grid(0.0, 1.0, 0.05)
+    assert len(grid) == 21 and grid[7] == 0.35 and grid[-1] == 1.0
+
+
+def test_selects_lowest_forget_among_feasible():
+    lambdas = [0.0, 0.5, 1.0]
+    sel = select_lambda(lambdas, forget_val=[50, 20, 5], control_val=[80, 77, 60], control_zero_shot=80, floor=0.95)
+    assert sel.lam == 0.5 and sel.forget_val == 20 and not sel.at_grid_edge  # 1.0 breaks the floor (76)
+
+
+def test_ties_go_to_the_smaller_lambda_and_edge_is_flagged():
+    sel = select_lambda([0.0, 0.5, 1.0], [50, 10, 10], [80, 80, 80], 80, 0.95)
+    assert sel.lam == 0.5
+    edge = select_lambda([0.0, 0.5, 1.0], [50, 30, 10], [80, 80, 80], 80, 0.95)
+    assert edge.lam == 1.0 and edge.at_grid_edge
+
+
+def test_no_feasible_lambda_is_explicit():
+    sel = select_lambda([0.5, 1.0], [10, 5], [10, 5], control_zero_shot=80, floor=0.95)
+    assert not sel.feasible and sel.lam is None and "no lambda" in sel.reason
+
+
+def test_best_single_skips_infeasible():
+    a = select_lambda([1.0], [30], [80], 80, 0.95)
+    b = select_lambda([1.0], [5], [10], 80, 0.95)  # infeasible
+    c = select_lambda([1.0], [20], [80], 80, 0.95)
+    assert best_single([a, b, c]) == 2
+    assert best_single([b]) is None
+
+
+def test_mia_efficacy_hand_case():
+    # Members sit at prob ~1, non-members at ~0.2: a perfectly separable 1-D problem.
+    members = torch.full((50,), 0.99) + torch.linspace(0, 0.005, 50)
+    nonmembers = torch.full((50,), 0.2) + torch.linspace(0, 0.05, 50)
+    # Targets: 3 look like members, 1 like a non-member -> 25% called non-member.
+    targets = torch.tensor([0.99, 0.995, 0.992, 0.21])
+    assert mia_efficacy(members, nonmembers, targets) == pytest.approx(25.0)
+    assert mia_efficacy(members, nonmembers, torch.tensor([0.2, 0.22])) == pytest.approx(100.0)
+
+
+def test_mia_balances_member_and_nonmember_counts():
+    members = torch.full((500,), 0.99)
+    nonmembers = torch.full((10,), 0.2)
+    # Without balancing, the 50x majority class would swallow everything; balanced it still separates.
+    assert mia_efficacy(members, nonmembers, torch.tensor([0.2]), max_per_class=10) == pytest.approx(100.0)
+
+
+def test_loss_attack_auc_definition():
+    members = torch.tensor([0.1, 0.2, 0.3])
+    nonmembers = torch.tensor([0.25, 1.0, 2.0])
+    # pairs (member loss < non-member loss): 0.1<all 3, 0.2<all 3, 0.3<2 of 3 -> 8/9
+    assert loss_attack_auc(members, nonmembers) == pytest.approx(100 * 8 / 9)
