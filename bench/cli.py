@@ -19,14 +19,20 @@ def cache_dir() -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     if os.environ.get("NEGMERGE_ALLOW_DOWNLOAD") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on missing weights, no network timeouts
-    from bench.config import load_suite
-    from bench.protocol_clip import ClipRun
+    from bench.config import ClipSuite, load_suite
     from bench.results import summary_table
 
     cfg = load_suite(args.suite, args.set)
     out = Path(args.out or Path("runs") / cfg.name)
     print(f"[negmerge-bench] suite {cfg.name} -> {out} (cache {cache_dir()})", file=sys.stderr)
-    rec = ClipRun(cfg, out, cache_dir()).run()
+    if isinstance(cfg, ClipSuite):
+        from bench.protocol_clip import ClipRun
+
+        rec = ClipRun(cfg, out, cache_dir()).run()
+    else:
+        from bench.protocol_classic import ClassicRun
+
+        rec = ClassicRun(cfg, out, cache_dir()).run()
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 50):

@@ -71,11 +71,13 @@ class GridCfg(Strict):
             raise ValueError("the grid is empty: give at least one axis with at least one value")
         return grid
 
-    def points(self, seed: int) -> list[FinetuneParams]:
+    def points(self, seed: int, dataset_base: dict[str, Any] | None = None) -> list[FinetuneParams]:
+        """Grid points; ``dataset_base`` (per-dataset settings, e.g. the paper's epochs) sits between
+        ``base`` and the grid axes."""
         axes = list(self.grid)
         out = []
         for values in itertools.product(*(self.grid[a] for a in axes)):
-            params = {"seed": seed, **self.base, **dict(zip(axes, values))}
+            params = {"seed": seed, **self.base, **(dataset_base or {}), **dict(zip(axes, values))}
             out.append(FinetuneParams(**params))
         return out
 
@@ -113,6 +115,7 @@ class ClipSuite(Strict):
     control: str
     data: DataCfg = DataCfg()
     finetune: GridCfg
+    finetune_per_dataset: dict[str, dict[str, Any]] = {}
     gradient_ascent: GridCfg | None = None
     methods: list[str] = list(CLIP_METHODS)
     merge_params: dict[str, dict[str, Any]] = {"ties": {"k": 0.2}, "negmerge": {"threshold": 1.0}}
@@ -160,6 +163,17 @@ class ClipSuite(Strict):
                 raise ValueError(f"unknown merge {n!r}; known: {', '.join(sorted(MERGES))}")
         return params
 
+    @field_validator("finetune_per_dataset")
+    @classmethod
+    def _per_dataset_params(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for dataset, params in value.items():
+            unknown = sorted(set(params) - PARAM_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"{dataset}: unknown hyperparameter {unknown[0]!r}; known: {', '.join(sorted(PARAM_FIELDS))}"
+                )
+        return value
+
     @model_validator(mode="after")
     def _consistency(self) -> ClipSuite:
         if self.backbone.pretrained == "pretrain" and self.pretrain is None:
@@ -168,6 +182,123 @@ class ClipSuite(Strict):
             raise ValueError("method gradient_ascent needs a gradient_ascent grid")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        return self
+
+
+CLASSIC_BASELINES = ("original", "retrain", "ft", "ga", "rl", "l1_sparse", "salun")
+CLASSIC_METHODS = (*CLASSIC_BASELINES, *TASK_VECTOR_METHODS)
+
+
+class SgdGridCfg(Strict):
+    """SGD settings: ``base`` updated by every point of the cartesian product of ``grid`` axes."""
+
+    base: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
+
+    @field_validator("base", "grid")
+    @classmethod
+    def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from bench.classic_train import SgdParams
+
+        known = {f.name for f in fields(SgdParams)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown SGD setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty_axes(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if any(len(v) == 0 for v in grid.values()):
+            raise ValueError("the grid is empty: every axis needs at least one value")
+        return grid
+
+    def points(self, seed: int):
+        from bench.classic_train import SgdParams
+
+        axes = list(self.grid)
+        return [
+            SgdParams(**{"seed": seed, **self.base, **dict(zip(axes, values))})
+            for values in itertools.product(*(self.grid[a] for a in axes))
+        ]
+
+
+class ClassicModelCfg(Strict):
+    name: str = "small-resnet"
+
+
+class ClassicDataCfg(Strict):
+    train_limit: int | None = Field(None, gt=0)
+    val_size: int = Field(1000, gt=0)
+    split_seed: int = 0
+    root: str | None = None
+    download: bool = False
+
+
+class ForgetCfg(Strict):
+    mode: Literal["random", "class"] = "random"
+    fraction: float = Field(0.1, gt=0, lt=1)
+    classes: list[int] = []
+
+
+class ClassicSelectionCfg(SelectionCfg):
+    rule: Literal["floor", "avg_gap"] = "floor"
+
+
+class ClassicMiaCfg(Strict):
+    n_members: int = Field(2000, gt=1)  # retain samples the attacker trains on as members
+    n_nonmembers: int = Field(2000, gt=1)  # test samples it trains on as non-members
+
+
+class ClassicSuite(Strict):
+    """Protocol B: random-data forgetting on standard classifiers, against Retrain (DESIGN.md §2)."""
+
+    protocol: Literal["classic"]
+    name: str
+    description: str = ""
+    seeds: list[int] = [0, 1, 2]
+    threads: int = Field(1, gt=0)
+    model: ClassicModelCfg = ClassicModelCfg()
+    dataset: str = "fashion-mnist"
+    data: ClassicDataCfg = ClassicDataCfg()
+    forget: ForgetCfg = ForgetCfg()
+    train: SgdGridCfg  # Original and Retrain
+    original_per_seed: bool = False  # one Original for all seeds (it does not depend on Df) or one per seed
+    baselines: dict[str, SgdGridCfg] = {}  # ft, ga, rl, l1_sparse, salun -> settings (a grid is selected on Val)
+    baseline_params: dict[str, dict[str, float]] = {"l1_sparse": {"alpha": 5e-4}, "salun": {"sparsity": 0.5}}
+    pool: SgdGridCfg  # the task-vector candidates: fine-tune the Original on Df
+    methods: list[str] = list(CLASSIC_METHODS)
+    merge_params: dict[str, dict[str, Any]] = {"ties": {"k": 0.2}, "negmerge": {"threshold": 1.0}}
+    bn: Literal["keep", "recalibrate"] = "keep"
+    selection: ClassicSelectionCfg = ClassicSelectionCfg(lambda_start=0.5, lambda_stop=4.0, lambda_step=0.5)
+    mia: ClassicMiaCfg = ClassicMiaCfg()
+    progress: bool = True
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_known(cls, names: list[str]) -> list[str]:
+        for n in names:
+            if n not in CLASSIC_METHODS:
+                raise ValueError(f"unknown method {n!r}; known: {', '.join(CLASSIC_METHODS)}")
+        return names
+
+    @field_validator("baselines")
+    @classmethod
+    def _baselines_known(cls, value: dict[str, SgdGridCfg]) -> dict[str, SgdGridCfg]:
+        for n in value:
+            if n not in ("ft", "ga", "rl", "l1_sparse", "salun"):
+                raise ValueError(f"unknown baseline {n!r}; known: ft, ga, rl, l1_sparse, salun")
+        return value
+
+    @model_validator(mode="after")
+    def _consistency(self) -> ClassicSuite:
+        missing = [m for m in ("ft", "ga", "rl", "l1_sparse", "salun") if m in self.methods and m not in self.baselines]
+        if missing:
+            raise ValueError(f"method {missing[0]!r} needs settings under baselines.{missing[0]}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if self.forget.mode == "class" and not self.forget.classes:
+            raise ValueError("forget.classes: class-wise forgetting needs at least one class")
         return self
 
 
@@ -197,7 +328,7 @@ def suite_path(name_or_path: str) -> Path:
     return candidate
 
 
-def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSuite:
+def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSuite | ClassicSuite:
     path = suite_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -205,8 +336,11 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSui
         raise BenchError(f"{path}: not valid YAML ({exc})") from exc
     for assignment in overrides or []:
         _apply_override(raw, assignment)
+    model = {"clip": ClipSuite, "classic": ClassicSuite}.get(raw.get("protocol"))
+    if model is None:
+        raise BenchError(f"{path}: protocol: expected 'clip' or 'classic', got {raw.get('protocol')!r}")
     try:
-        return ClipSuite.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()

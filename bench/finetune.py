@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -59,12 +60,15 @@ def _augmenter(spec: str | None):
     transform = rand_augment_transform(spec, {"img_mean": (128, 128, 128)})
 
     def apply(images: torch.Tensor) -> torch.Tensor:
+        # timm's ops fill with an RGB colour, so grayscale images are augmented as RGB and converted back
+        gray = images.dim() == 3
         out = []
         for img in images:
-            arr = img.numpy() if img.dim() == 2 else img.permute(1, 2, 0).numpy()
-            out.append(torch.from_numpy(__import__("numpy").asarray(transform(Image.fromarray(arr)))))
+            pil = Image.fromarray((img if gray else img.permute(1, 2, 0)).numpy()).convert("RGB")
+            aug = transform(pil)
+            out.append(torch.from_numpy(np.array(aug.convert("L") if gray else aug)))
         stacked = torch.stack(out)
-        return stacked if images.dim() == 3 else stacked.permute(0, 3, 1, 2)
+        return stacked if gray else stacked.permute(0, 3, 1, 2)
 
     return apply
 
@@ -77,7 +81,9 @@ def _batches(split: ImageSplit, backbone: Backbone, batch_size: int, generator: 
 
         split.dataset.transform = backbone.preprocess  # type: ignore[attr-defined]
         while True:
-            yield from DataLoader(split.dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True)
+            yield from DataLoader(
+                split.dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True
+            )
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
@@ -108,7 +114,8 @@ def finetune(
     decay = [p for p in visual.parameters() if p.ndim >= 2]
     no_decay = [p for p in visual.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=params.lr
+        [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=params.lr,
     )
     total = params.total_steps(len(split))
     warmup = min(params.warmup_steps, max(total - 1, 0))

@@ -26,7 +26,9 @@ def build_head(backbone: Backbone, classnames: list[str], templates: list[str]) 
     return torch.stack(rows)
 
 
-def cached_head(backbone: Backbone, backbone_id: str, classnames: list[str], templates: list[str], cache: Path) -> torch.Tensor:
+def cached_head(
+    backbone: Backbone, backbone_id: str, classnames: list[str], templates: list[str], cache: Path
+) -> torch.Tensor:
     key = hashlib.sha256(json.dumps([backbone_id, classnames, templates]).encode()).hexdigest()[:16]
     path = cache / "heads" / f"{key}.safetensors"
     if path.is_file():

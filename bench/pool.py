@@ -24,7 +24,13 @@ from bench.finetune import Diverged
 from bench.io import write_json_atomic
 from negmerge import save_state
 
-CODE_VERSION = hashlib.sha256((Path(__file__).parent / "finetune.py").read_bytes()).hexdigest()[:12]
+
+def code_version(module_file: str) -> str:
+    """Hash of the training code: editing it invalidates what it produced, and nothing else."""
+    return hashlib.sha256((Path(__file__).parent / module_file).read_bytes()).hexdigest()[:12]
+
+
+CODE_VERSION = code_version("finetune.py")
 
 
 @dataclass
@@ -39,12 +45,13 @@ class PoolEntry:
 
 
 class CandidatePool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, version: str = CODE_VERSION) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.version = version
 
     def key(self, spec: dict[str, Any]) -> str:
-        blob = json.dumps({**spec, "code_version": CODE_VERSION}, sort_keys=True, default=str)
+        blob = json.dumps({**spec, "code_version": self.version}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
     def get_or_create(self, spec: dict[str, Any], make: Callable[[], dict[str, torch.Tensor]]) -> PoolEntry:
@@ -65,5 +72,5 @@ class CandidatePool:
             return PoolEntry(key, spec, "failed", None, seconds, False, str(exc))
         seconds = time.perf_counter() - start
         save_state(tau, tensor_path, metadata={"key": key})
-        write_json_atomic(record_path, {"spec": spec, "status": "ok", "seconds": seconds, "code_version": CODE_VERSION})
+        write_json_atomic(record_path, {"spec": spec, "status": "ok", "seconds": seconds, "code_version": self.version})
         return PoolEntry(key, spec, "ok", tensor_path, seconds, False)

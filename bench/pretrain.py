@@ -48,7 +48,10 @@ def pretrained_checkpoint(model_name: str, cfg: PretrainCfg, data: DataCfg, cach
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (cfg.steps - warmup)))
+        opt,
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (cfg.steps - warmup)))
+        ),
     )
     model.train()
     for _ in tqdm(range(cfg.steps), desc=f"pretrain {model_name}", disable=not progress):

@@ -7,19 +7,20 @@ evaluate the test splits once at the chosen lambda, with membership inference.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from baselines import get_merge
 from bench.backbones import Backbone, load_backbone, visual_state
 from bench.config import ClipSuite
 from bench.data import TaskData, load_task
+from bench.evalcache import EvalCache, vector_id
 from bench.evaluate import Evaluator, per_sample_loss, top1, true_label_prob
 from bench.finetune import FinetuneParams, finetune
 from bench.heads import cached_head
@@ -33,8 +34,15 @@ from negmerge import apply, consensus_rate, task_vector
 
 def _data_kwargs(cfg: ClipSuite) -> dict[str, Any]:
     d = cfg.data
-    return dict(val_fraction=d.val_fraction, val_max=d.val_max, split_seed=d.split_seed,
-                train_limit=d.train_limit, eval_limit=d.eval_limit, root=d.root, download=d.download)
+    return dict(
+        val_fraction=d.val_fraction,
+        val_max=d.val_max,
+        split_seed=d.split_seed,
+        train_limit=d.train_limit,
+        eval_limit=d.eval_limit,
+        root=d.root,
+        download=d.download,
+    )
 
 
 class ClipRun:
@@ -49,8 +57,11 @@ class ClipRun:
         pretrained = self.cfg.backbone.pretrained
         if pretrained == "pretrain":
             with self.rec.timed("pretrain"):
-                pretrained = str(pretrained_checkpoint(self.cfg.backbone.name, self.cfg.pretrain, self.cfg.data,
-                                                       self.cache, progress=self.cfg.progress))
+                pretrained = str(
+                    pretrained_checkpoint(
+                        self.cfg.backbone.name, self.cfg.pretrain, self.cfg.data, self.cache, progress=self.cfg.progress
+                    )
+                )
         with self.rec.timed("load backbone"):
             return load_backbone(self.cfg.backbone.name, pretrained)
 
@@ -58,15 +69,28 @@ class ClipRun:
     def _accuracy(self, state: Mapping[str, torch.Tensor], split_name: str, task: TaskData, head, control, head_c):
         self.ev.load(state)
         f_split, c_split = getattr(task, split_name), getattr(control, split_name)
-        return (top1(self.ev.logits(f_split, head), f_split.labels), top1(self.ev.logits(c_split, head_c), c_split.labels))
+        return (
+            top1(self.ev.logits(f_split, head), f_split.labels),
+            top1(self.ev.logits(c_split, head_c), c_split.labels),
+        )
 
-    def _curve(self, tau, task, head, control, head_c, desc: str) -> tuple[list[float], list[float]]:
-        forget, ctrl = [], []
-        for lam in tqdm(self.lambdas, desc=desc, leave=False, disable=not self.cfg.progress):
-            f, c = self._accuracy(apply(self.theta0, tau, -lam), "val", task, head, control, head_c)
-            forget.append(f)
-            ctrl.append(c)
+    def _curve(self, vid: str, tau, task, head, control, head_c, desc: str) -> tuple[list[float], list[float]]:
+        def compute():
+            forget, ctrl = [], []
+            for lam in tqdm(self.lambdas, desc=desc, leave=False, disable=not self.cfg.progress):
+                f, c = self._accuracy(apply(self.theta0, tau(), -lam), "val", task, head, control, head_c)
+                forget.append(f)
+                ctrl.append(c)
+            return [forget, ctrl]
+
+        forget, ctrl = self.evals.get_or_compute({"curve": vid, "task": task.name, "lambdas": self.lambdas}, compute)
         return forget, ctrl
+
+    def _cached_test(self, vid: str, lam: float, state_fn, task, head, control, head_c, seed: int) -> dict[str, float]:
+        return self.evals.get_or_compute(
+            {"test": vid, "lam": lam, "task": task.name, "seed": seed},
+            lambda: self._test_metrics(state_fn(), task, head, control, head_c, seed),
+        )
 
     def _test_metrics(self, state, task: TaskData, head, control, head_c, seed: int) -> dict[str, float]:
         forget_test, control_test = self._accuracy(state, "test", task, head, control, head_c)
@@ -79,23 +103,34 @@ class ClipRun:
             n_prob = true_label_prob(nonmember_logits, task.test.labels)
             order = torch.randperm(len(m_prob), generator=torch.Generator().manual_seed(seed))
             attack_half, target_half = order[: len(order) // 2], order[len(order) // 2 :]
-            metrics["mia_efficacy"] = mia_efficacy(m_prob[attack_half], n_prob, m_prob[target_half],
-                                                   max_per_class=self.cfg.mia.max_per_class, seed=seed)
-            metrics["mia_auc"] = loss_attack_auc(per_sample_loss(member_logits, task.train.labels),
-                                                 per_sample_loss(nonmember_logits, task.test.labels))
+            metrics["mia_efficacy"] = mia_efficacy(
+                m_prob[attack_half], n_prob, m_prob[target_half], max_per_class=self.cfg.mia.max_per_class, seed=seed
+            )
+            metrics["mia_auc"] = loss_attack_auc(
+                per_sample_loss(member_logits, task.train.labels), per_sample_loss(nonmember_logits, task.test.labels)
+            )
         return metrics
 
     # -- the pool --------------------------------------------------------------------------------
-    def _candidates(self, points: list[FinetuneParams], task: TaskData, head, direction: int, tag: str) -> list[PoolEntry]:
+    def _candidates(
+        self, points: list[FinetuneParams], task: TaskData, head, direction: int, tag: str
+    ) -> list[PoolEntry]:
         entries = []
         for i, params in enumerate(points):
-            spec = {"backbone": self.backbone_id, "dataset": task.name, "split": self.cfg.data.model_dump(),
-                    "n_train": len(task.train), "params": asdict(params), "direction": direction}
+            spec = {
+                "backbone": self.backbone_id,
+                "dataset": task.name,
+                "split": self.cfg.data.model_dump(),
+                "n_train": len(task.train),
+                "params": asdict(params),
+                "direction": direction,
+            }
 
             def make(params=params, i=i):
                 desc = f"{tag} {task.name} {i + 1}/{len(points)}"
-                ft = finetune(self.backbone, head, task.train, params, direction=direction, desc=desc,
-                              progress=self.cfg.progress)
+                ft = finetune(
+                    self.backbone, head, task.train, params, direction=direction, desc=desc, progress=self.cfg.progress
+                )
                 return task_vector(ft, self.theta0)
 
             entry = self.pool.get_or_create(spec, make)
@@ -111,6 +146,16 @@ class ClipRun:
         self.backbone_id = self.backbone.identity()
         self.theta0 = visual_state(self.backbone)
         self.ev = Evaluator(self.backbone, cfg.eval_batch_size)
+        self.evals = EvalCache(
+            self.cache / "evals",
+            {
+                "backbone": self.backbone_id,
+                "data": cfg.data.model_dump(),
+                "control": cfg.control,
+                "mia": cfg.mia.model_dump(),
+            },
+            code_files=("evaluate.py", "heads.py", "protocol_clip.py"),
+        )
         bname = f"{cfg.backbone.name}/{cfg.backbone.pretrained}"
         control = load_task(cfg.control, **_data_kwargs(cfg))
         head_c = cached_head(self.backbone, self.backbone_id, control.classnames, control.templates, self.cache)
@@ -121,15 +166,24 @@ class ClipRun:
                 head = cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache)
                 row = dict(backbone=bname, dataset=name, seed=seed)
                 with self.rec.timed(f"zero-shot {name}"):
-                    zs_forget_val, zs_control_val = self._accuracy(self.theta0, "val", task, head, control, head_c)
-                    zs_test = self._test_metrics(self.theta0, task, head, control, head_c, seed)
+                    zs_forget_val, zs_control_val = self.evals.get_or_compute(
+                        {"zero-shot val": task.name},
+                        lambda: self._accuracy(self.theta0, "val", task, head, control, head_c),
+                    )
+                    zs_test = self._cached_test(
+                        "zero-shot", 0.0, lambda: self.theta0, task, head, control, head_c, seed
+                    )
                 if "zeroshot" in cfg.methods:
-                    self.rec.result(row, "zeroshot", Selection(0.0, zs_forget_val, zs_control_val, False), zs_test, floor)
+                    self.rec.result(
+                        row, "zeroshot", Selection(0.0, zs_forget_val, zs_control_val, False), zs_test, floor
+                    )
                 if not set(cfg.methods) - {"zeroshot", "gradient_ascent"}:
                     entries = []
                 else:
                     with self.rec.timed(f"pool {name} seed {seed}"):
-                        entries = self._candidates(cfg.finetune.points(seed), task, head, +1, "fine-tune")
+                        entries = self._candidates(
+                            cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name)), task, head, +1, "fine-tune"
+                        )
                 ok = [e for e in entries if e.status == "ok"]
                 if entries and not ok:
                     self.rec.note(f"{name} seed {seed}: every candidate failed; no task-vector method can run")
@@ -140,16 +194,20 @@ class ClipRun:
                         continue
                     with self.rec.timed(f"merge {method} {name}"):
                         merged = get_merge(method)([e.path for e in ok], **cfg.merge_params.get(method, {}))
-                    vectors[method] = merged
+                    vid = vector_id(method, cfg.merge_params.get(method, {}), [e.key for e in ok])
+                    vectors[method] = (vid, merged)
                     self.rec.extra(row, method, "consensus_rate", consensus_rate(merged))
                 with self.rec.timed(f"lambda sweep {name} seed {seed}"):
                     if "single_best" in cfg.methods:
                         singles = []
                         for j, entry in enumerate(ok):
-                            from safetensors.torch import load_file
 
-                            tau = load_file(entry.path)
-                            fv, cv = self._curve(tau, task, head, control, head_c, f"lambda candidate {j + 1}")
+                            def tau(entry=entry):
+                                return load_file(entry.path)
+
+                            fv, cv = self._curve(
+                                entry.key, tau, task, head, control, head_c, f"lambda candidate {j + 1}"
+                            )
                             self.rec.curve(row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
                             singles.append((select_lambda(self.lambdas, fv, cv, zs_control_val, floor), tau))
                         best = best_single([s for s, _ in singles])
@@ -157,36 +215,75 @@ class ClipRun:
                             self.rec.result(row, "single_best", singles[0][0], {}, floor)
                         else:
                             sel, tau = singles[best]
-                            state = apply(self.theta0, tau, -sel.lam)
-                            self.rec.result(row, "single_best", sel, self._test_metrics(state, task, head, control, head_c, seed),
-                                            floor, chosen=ok[best].key)
-                    for method, tau in vectors.items():
-                        fv, cv = self._curve(tau, task, head, control, head_c, f"lambda {method}")
+                            test = self._cached_test(
+                                ok[best].key,
+                                sel.lam,
+                                lambda: apply(self.theta0, tau(), -sel.lam),
+                                task,
+                                head,
+                                control,
+                                head_c,
+                                seed,
+                            )
+                            self.rec.result(row, "single_best", sel, test, floor, chosen=ok[best].key)
+                    for method, (vid, merged) in vectors.items():
+                        fv, cv = self._curve(
+                            vid, lambda merged=merged: merged, task, head, control, head_c, f"lambda {method}"
+                        )
                         self.rec.curve(row, method, self.lambdas, fv, cv)
                         sel = select_lambda(self.lambdas, fv, cv, zs_control_val, floor)
-                        test = self._test_metrics(apply(self.theta0, tau, -sel.lam), task, head, control, head_c, seed) if sel.feasible else {}
+                        test = (
+                            self._cached_test(
+                                vid,
+                                sel.lam,
+                                lambda: apply(self.theta0, merged, -sel.lam),
+                                task,
+                                head,
+                                control,
+                                head_c,
+                                seed,
+                            )
+                            if sel.feasible
+                            else {}
+                        )
                         self.rec.result(row, method, sel, test, floor)
                 if "gradient_ascent" in cfg.methods:
                     with self.rec.timed(f"gradient ascent {name} seed {seed}"):
                         self._gradient_ascent(row, task, head, control, head_c, zs_control_val, seed)
+        self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
         self.rec.finish()
         return self.rec
 
     def _gradient_ascent(self, row, task, head, control, head_c, zs_control_val: float, seed: int) -> None:
-        from safetensors.torch import load_file
-
-        entries = [e for e in self._candidates(self.cfg.gradient_ascent.points(seed), task, head, -1, "grad-ascent") if e.status == "ok"]
-        selections, states = [], []
+        entries = [
+            e
+            for e in self._candidates(self.cfg.gradient_ascent.points(seed), task, head, -1, "grad-ascent")
+            if e.status == "ok"
+        ]
+        selections = []
         for entry in entries:
-            state = apply(self.theta0, load_file(entry.path), 1.0)
-            fv, cv = self._accuracy(state, "val", task, head, control, head_c)
-            selections.append(select_lambda([1.0], [fv], [cv], zs_control_val, self.cfg.selection.floor))
-            states.append(state)
+            fv, cv = self.evals.get_or_compute(
+                {"ga val": entry.key, "task": task.name},
+                lambda entry=entry: self._accuracy(
+                    apply(self.theta0, load_file(entry.path), 1.0), "val", task, head, control, head_c
+                ),
+            )
+            sel = select_lambda([1.0], [fv], [cv], zs_control_val, self.cfg.selection.floor)
+            selections.append(replace(sel, at_grid_edge=False))  # a fine-tuned model, not a point of a grid
         best = best_single(selections) if selections else None
         if best is None:
             sel = Selection(None, None, None, False, "no gradient-ascent setting keeps the control floor")
             self.rec.result(row, "gradient_ascent", sel, {}, self.cfg.selection.floor)
             return
         sel = selections[best]
-        self.rec.result(row, "gradient_ascent", sel, self._test_metrics(states[best], task, head, control, head_c, seed),
-                        self.cfg.selection.floor, chosen=entries[best].key)
+        test = self._cached_test(
+            entries[best].key,
+            1.0,
+            lambda: apply(self.theta0, load_file(entries[best].path), 1.0),
+            task,
+            head,
+            control,
+            head_c,
+            seed,
+        )
+        self.rec.result(row, "gradient_ascent", sel, test, self.cfg.selection.floor, chosen=entries[best].key)

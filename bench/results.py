@@ -17,14 +17,39 @@ import pandas as pd
 from bench.io import write_json_atomic, write_text_atomic
 from bench.selection import Selection
 
-RESULT_COLUMNS = ["suite", "backbone", "dataset", "method", "seed", "split", "metric", "value", "lam", "feasible",
-                  "at_grid_edge", "floor", "selection_rule"]
-PACKAGES = ["negmerge-bench", "torch", "torchvision", "open_clip_torch", "clip-benchmark", "timm", "numpy", "scikit-learn", "pandas"]
+RESULT_COLUMNS = [
+    "suite",
+    "backbone",
+    "dataset",
+    "method",
+    "seed",
+    "split",
+    "metric",
+    "value",
+    "lam",
+    "feasible",
+    "at_grid_edge",
+    "floor",
+    "selection_rule",
+]
+PACKAGES = [
+    "negmerge-bench",
+    "torch",
+    "torchvision",
+    "open_clip_torch",
+    "clip-benchmark",
+    "timm",
+    "numpy",
+    "scikit-learn",
+    "pandas",
+]
 
 
 def git_commit(repo: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
         return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
@@ -65,16 +90,37 @@ class RunRecorder:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def _row(self, row: dict, method: str, split: str, metric: str, value: float, sel: Selection | None, floor) -> None:
-        self.rows.append({
-            "suite": self.cfg.name, **row, "method": method, "split": split, "metric": metric, "value": value,
-            "lam": sel.lam if sel else None, "feasible": sel.feasible if sel else None,
-            "at_grid_edge": sel.at_grid_edge if sel else None, "floor": floor, "selection_rule": self.selection_rule,
-        })
+        self.rows.append(
+            {
+                "suite": self.cfg.name,
+                **row,
+                "method": method,
+                "split": split,
+                "metric": metric,
+                "value": value,
+                "lam": sel.lam if sel else None,
+                "feasible": sel.feasible if sel else None,
+                "at_grid_edge": sel.at_grid_edge if sel else None,
+                "floor": floor,
+                "selection_rule": self.selection_rule,
+            }
+        )
 
-    def result(self, row: dict, method: str, sel: Selection, test: dict[str, float], floor: float, chosen: str | None = None) -> None:
+    def result(
+        self, row: dict, method: str, sel: Selection, test: dict[str, float], floor: float, chosen: str | None = None
+    ) -> None:
         """Val numbers at the selected lambda, and the test metrics measured there."""
-        self.selections.append({**row, "method": method, "lam": sel.lam, "feasible": sel.feasible,
-                                "at_grid_edge": sel.at_grid_edge, "reason": sel.reason, "chosen_candidate": chosen})
+        self.selections.append(
+            {
+                **row,
+                "method": method,
+                "lam": sel.lam,
+                "feasible": sel.feasible,
+                "at_grid_edge": sel.at_grid_edge,
+                "reason": sel.reason,
+                "chosen_candidate": chosen,
+            }
+        )
         if not sel.feasible:
             self.notes.append(f"{row['dataset']} seed {row['seed']} {method}: no feasible lambda ({sel.reason})")
             self._row(row, method, "val", "forget_acc", float("nan"), sel, floor)
@@ -89,13 +135,30 @@ class RunRecorder:
 
     def curve(self, row: dict, method: str, lambdas, forget, control, label: Any = None) -> None:
         for lam, f, c in zip(lambdas, forget, control):
-            self.curves.append({**row, "method": method, "lam": lam, "forget_val": f, "control_val": c,
-                                "label": str(label) if label is not None else ""})
+            self.curves.append(
+                {
+                    **row,
+                    "method": method,
+                    "lam": lam,
+                    "forget_val": f,
+                    "control_val": c,
+                    "label": str(label) if label is not None else "",
+                }
+            )
 
     def pool_member(self, entry, tag: str, label: str) -> None:
-        self.pool.append({"key": entry.key, "role": tag, "label": label, "status": entry.status,
-                          "seconds": round(entry.seconds, 2), "cached": entry.cached, "error": entry.error,
-                          "dataset": entry.spec.get("dataset")})
+        self.pool.append(
+            {
+                "key": entry.key,
+                "role": tag,
+                "label": label,
+                "status": entry.status,
+                "seconds": round(entry.seconds, 2),
+                "cached": entry.cached,
+                "error": entry.error,
+                "dataset": entry.spec.get("dataset"),
+            }
+        )
 
     def note(self, message: str) -> None:
         self.notes.append(message)

@@ -30,7 +30,11 @@ def lambda_grid(start: float, stop: float, step: float) -> list[float]:
 
 
 def select_lambda(
-    lambdas: Sequence[float], forget_val: Sequence[float], control_val: Sequence[float], control_zero_shot: float, floor: float
+    lambdas: Sequence[float],
+    forget_val: Sequence[float],
+    control_val: Sequence[float],
+    control_zero_shot: float,
+    floor: float,
 ) -> Selection:
     if not (len(lambdas) == len(forget_val) == len(control_val)) or not lambdas:
         raise ValueError("lambdas, forget_val and control_val must be non-empty and of equal length")

@@ -107,4 +107,3 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
         del tensors, streams
         out[key] = result
     return out
-

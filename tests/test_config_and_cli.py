@@ -38,8 +38,21 @@ def test_unknown_suite_and_bad_override():
 
 
 def test_unknown_backbone_fails_fast(capsys):
-    assert main(["run", "mini-clip", "--set", "backbone.name=ViT-Q-99", "--set", "backbone.pretrained=null",
-                 "--out", "/tmp/negmerge-never-written"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "mini-clip",
+                "--set",
+                "backbone.name=ViT-Q-99",
+                "--set",
+                "backbone.pretrained=null",
+                "--out",
+                "/tmp/negmerge-never-written",
+            ]
+        )
+        == 2
+    )
     assert "backbone.name: unknown model 'ViT-Q-99'" in capsys.readouterr().err
 
 
@@ -60,4 +73,6 @@ def test_missing_pretrained_weights_fail_fast_offline(monkeypatch):
 def test_list(capsys, what):
     assert main(["list", what]) == 0
     out = capsys.readouterr().out
-    assert {"suites": "mini-clip", "methods": "negmerge", "datasets": "fashion-mnist", "backbones": "ViT-B-32"}[what] in out
+    assert {"suites": "mini-clip", "methods": "negmerge", "datasets": "fashion-mnist", "backbones": "ViT-B-32"}[
+        what
+    ] in out

