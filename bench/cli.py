@@ -20,7 +20,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if os.environ.get("NEGMERGE_ALLOW_DOWNLOAD") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on missing weights, no network timeouts
     from bench.config import ClipSuite, load_suite
-    from bench.results import summary_table
 
     cfg = load_suite(args.suite, args.set)
     out = Path(args.out or Path("runs") / cfg.name)
@@ -33,13 +32,42 @@ def cmd_run(args: argparse.Namespace) -> int:
         from bench.protocol_classic import ClassicRun
 
         rec = ClassicRun(cfg, out, cache_dir()).run()
-    import pandas as pd
-
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(summary_table(rec.table()).to_string())
-    for note in rec.notes:
-        print(f"note: {note}")
     print(f"wrote {out / 'results.csv'}, {out / 'curves.csv'}, {out / 'manifest.json'}", file=sys.stderr)
+    if not args.no_report:
+        from bench.report import build_report
+
+        build_report(out)
+        print((out / "report" / "summary.md").read_text())
+    else:
+        for note in rec.notes:
+            print(f"note: {note}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import time
+
+    from bench.report import build_report
+
+    start = time.perf_counter()
+    written = build_report(Path(args.run_dir))
+    print(f"wrote {len(written)} files to {Path(args.run_dir) / 'report'} in {time.perf_counter() - start:.1f} s")
+    print((Path(args.run_dir) / "report" / "summary.md").read_text())
+    return 0
+
+
+def cmd_regress(args: argparse.Namespace) -> int:
+    from bench.regress import compare, is_regression
+
+    table = compare(Path(args.run_dir), Path(args.against), abs_tol=args.abs_tol, sigmas=args.sigmas)
+    moved = table if args.all else table[table.status != "ok"]
+    if moved.empty:
+        print(f"no metric moved beyond tolerance ({len(table)} checked)")
+    else:
+        print(moved.round(2).to_markdown(index=False))
+    if is_regression(table):
+        print("REGRESSION: unlearning got worse beyond tolerance")
+        return 1
     return 0
 
 
@@ -74,7 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("suite")
     run.add_argument("--out", help="output folder (default runs/SUITE)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    run.add_argument("--no-report", action="store_true", help="skip writing DIR/report (tables, figures)")
     run.set_defaults(fn=cmd_run)
+    rep = sub.add_parser("report", help="LaTeX tables, figures and a summary from a run's files")
+    rep.add_argument("run_dir")
+    rep.set_defaults(fn=cmd_report)
+    reg = sub.add_parser("regress", help="compare a run with reference results; exit 1 on regression")
+    reg.add_argument("run_dir")
+    reg.add_argument("--against", required=True, help="reference run folder, e.g. results/mini-clip")
+    reg.add_argument("--abs-tol", type=float, default=2.0, help="minimum tolerance in points (default 2.0)")
+    reg.add_argument("--sigmas", type=float, default=3.0, help="tolerance in reference seed std units (default 3)")
+    reg.add_argument("--all", action="store_true", help="print every checked metric, not only those that moved")
+    reg.set_defaults(fn=cmd_regress)
     lst = sub.add_parser("list", help="list suites, methods, datasets or backbones")
     lst.add_argument("what", choices=["suites", "methods", "datasets", "backbones"])
     lst.set_defaults(fn=cmd_list)

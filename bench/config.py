@@ -101,6 +101,14 @@ class MiaCfg(Strict):
     max_per_class: int = Field(2000, gt=1)
 
 
+class AblationCfg(Strict):
+    """Pool-size ablation: NegMerge over random subsets of the (cached) pool, N = each size, several draws."""
+
+    sizes: list[int] = []  # empty: 2 .. K
+    draws: int = Field(3, gt=0)
+    seed: int = 0
+
+
 class ClipSuite(Strict):
     """Protocol A: CLIP task negation (DESIGN.md §1)."""
 
@@ -122,6 +130,7 @@ class ClipSuite(Strict):
     selection: SelectionCfg = SelectionCfg()
     mia: MiaCfg = MiaCfg()
     eval_batch_size: int = Field(512, gt=0)
+    ablation: AblationCfg | None = None
     progress: bool = True
 
     @field_validator("forget")
@@ -229,6 +238,7 @@ class ClassicModelCfg(Strict):
 
 class ClassicDataCfg(Strict):
     train_limit: int | None = Field(None, gt=0)
+    test_limit: int | None = Field(None, gt=0)  # seeded test subsample, for quick runs only
     val_size: int = Field(1000, gt=0)
     split_seed: int = 0
     root: str | None = None
@@ -243,6 +253,7 @@ class ForgetCfg(Strict):
 
 class ClassicSelectionCfg(SelectionCfg):
     rule: Literal["floor", "avg_gap"] = "floor"
+    retain_size: int = Field(1000, gt=0)  # Dr subsample scored at every lambda (a 1k set carries ~+-0.6 points)
 
 
 class ClassicMiaCfg(Strict):

@@ -12,23 +12,17 @@ from typing import Any
 
 from bench.io import write_json_atomic
 
-_EVAL_FILES = (
-    "evaluate.py",
-    "metrics.py",
-    "selection.py",
-    "protocol_clip.py",
-    "protocol_classic.py",
-    "classic_train.py",
-)
-EVAL_CODE_VERSION = hashlib.sha256(
-    b"".join((Path(__file__).parent / f).read_bytes() for f in _EVAL_FILES if (Path(__file__).parent / f).exists())
-).hexdigest()[:12]
+
+def code_hash(files: tuple[str, ...]) -> str:
+    """Hash of the bench/ modules an evaluation depends on: editing them invalidates their results."""
+    return hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in files)).hexdigest()[:12]
 
 
 class EvalCache:
-    def __init__(self, root: Path, context: dict[str, Any]) -> None:
+    def __init__(self, root: Path, context: dict[str, Any], code_files: tuple[str, ...]) -> None:
         self.root = Path(root)
         self.context = context
+        self.code = code_hash(("evalcache.py", "metrics.py", "selection.py", *code_files))
         self.hits = 0
         self.misses = 0
 

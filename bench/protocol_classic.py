@@ -136,6 +136,8 @@ class ClassicRun:
         t_logits = logits_of(model, d, t_x)
         out["test_acc"] = _acc(t_logits, t_y)
         out["val_acc"] = _acc(logits_of(model, d, d.val_x), d.val_y) if full else out["test_acc"]
+        if not full and self.cfg.selection.rule == "floor":
+            return out  # the floor rule needs no MIA: skip the attack on every lambda
         # MIA: members = retain samples, non-members = test samples, counts fixed by config; target = Df.
         m_idx, n_idx = self.mia_members, self.mia_nonmembers
         m_logits = logits_of(model, d, d.train_x[m_idx])
@@ -354,6 +356,7 @@ class ClassicRun:
         torch.set_num_threads(cfg.threads)
         d = self.data = load_classic(
             cfg.dataset,
+            test_limit=cfg.data.test_limit,
             train_limit=cfg.data.train_limit,
             val_size=cfg.data.val_size,
             split_seed=cfg.data.split_seed,
@@ -371,7 +374,7 @@ class ClassicRun:
                 {"seed": seed, "mode": cfg.forget.mode, "indices": self.df.tolist()},
             )
             gen = torch.Generator().manual_seed(seed)
-            self.dr_small = self.dr[torch.randperm(len(self.dr), generator=gen)[:2000]]
+            self.dr_small = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.selection.retain_size]]
             self.mia_members = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.mia.n_members]]
             self.mia_nonmembers = torch.randperm(len(d.test_y), generator=gen)[: cfg.mia.n_nonmembers]
             with self.rec.timed("original"):

@@ -247,12 +247,41 @@ class ClipRun:
                             else {}
                         )
                         self.rec.result(row, method, sel, test, floor)
+                if cfg.ablation is not None and len(ok) > 2:
+                    with self.rec.timed(f"pool-size ablation {name} seed {seed}"):
+                        self._ablation(row, ok, task, head, control, head_c, zs_control_val)
                 if "gradient_ascent" in cfg.methods:
                     with self.rec.timed(f"gradient ascent {name} seed {seed}"):
                         self._gradient_ascent(row, task, head, control, head_c, zs_control_val, seed)
         self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
         self.rec.finish()
         return self.rec
+
+    def _ablation(self, row, ok: list[PoolEntry], task, head, control, head_c, zs_control_val: float) -> None:
+        """NegMerge over random subsets of the pool: consensus rate and forgetting against N."""
+        import random
+
+        params = self.cfg.merge_params.get("negmerge", {})
+        sizes = self.cfg.ablation.sizes or list(range(2, len(ok) + 1))
+        rng = random.Random(self.cfg.ablation.seed)
+        for n in sorted(s for s in sizes if 2 <= s <= len(ok)):
+            for draw in range(1 if n == len(ok) else self.cfg.ablation.draws):
+                members = sorted(rng.sample(ok, n), key=lambda e: e.key)
+                merged = get_merge("negmerge")([e.path for e in members], **params)
+                vid = vector_id("negmerge", params, [e.key for e in members])
+                fv, cv = self._curve(vid, lambda merged=merged: merged, task, head, control, head_c, f"ablation N={n}")
+                sel = select_lambda(self.lambdas, fv, cv, zs_control_val, self.cfg.selection.floor)
+                self.rec.ablation.append(
+                    {
+                        **row,
+                        "n": n,
+                        "draw": draw,
+                        "consensus_rate": consensus_rate(merged),
+                        "lam": sel.lam,
+                        "forget_val": sel.forget_val,
+                        "control_val": sel.control_val,
+                    }
+                )
 
     def _gradient_ascent(self, row, task, head, control, head_c, zs_control_val: float, seed: int) -> None:
         entries = [

@@ -77,6 +77,7 @@ class RunRecorder:
         self.pool: list[dict[str, Any]] = []
         self.selections: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.ablation: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
@@ -170,6 +171,8 @@ class RunRecorder:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "results.csv", self.table().to_csv(index=False))
         write_text_atomic(self.out / "curves.csv", pd.DataFrame(self.curves).to_csv(index=False))
+        if self.ablation:
+            write_text_atomic(self.out / "ablation.csv", pd.DataFrame(self.ablation).to_csv(index=False))
         manifest = {
             "suite": self.cfg.name,
             "config": self.cfg.model_dump(),
@@ -186,15 +189,3 @@ class RunRecorder:
             "notes": self.notes,
         }
         write_json_atomic(self.out / "manifest.json", manifest)
-
-
-def summary_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Test forget / control accuracy per method x dataset (mean over seeds), plus the average column."""
-    test = results[(results["split"] == "test") & results["metric"].isin(["forget_acc", "control_acc"])]
-    if test.empty:
-        return pd.DataFrame()
-    table = test.pivot_table(index="method", columns=["metric", "dataset"], values="value", aggfunc="mean")
-    for metric in ("forget_acc", "control_acc"):
-        if metric in table.columns.get_level_values(0):
-            table[(metric, "avg")] = table[metric].mean(axis=1)
-    return table.sort_index(axis=1).round(2)

