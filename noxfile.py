@@ -11,7 +11,9 @@ import nox
 nox.options.default_venv_backend = "none"
 nox.options.sessions = ["lint", "tests"]
 
-RUN_ROOT = os.environ.get("NEGMERGE_RUNS", "runs")
+RUNS = os.environ.get("NEGMERGE_RUNS", "runs")
+DEMO_SUITES = ("mini-clip", "mini-classic")
+REGRESSION_SUITES = ("mini-clip-tiny", "mini-classic-tiny")
 
 
 @nox.session
@@ -28,13 +30,40 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
-def perf(session: nox.Session) -> None:
-    """Speed and memory benchmarks (pytest-benchmark); prints the figures the issues ask for."""
-    session.run("python", "-m", "pytest", "benchmarks", "-q", "-s", "--benchmark-only", *session.posargs)
+def demo(session: nox.Session) -> None:
+    """The main job: both offline suites end to end, each with its report (tables, figures, summary)."""
+    for suite in session.posargs or DEMO_SUITES:
+        session.run("negmerge-bench", "run", suite, "--out", f"{RUNS}/{suite}")
 
 
 @nox.session
-def demo(session: nox.Session) -> None:
-    """The main job: run the offline suites end to end and write their tables."""
-    for suite in ("mini-clip",):
-        session.run("negmerge-bench", "run", suite, "--out", f"{RUN_ROOT}/{suite}", *session.posargs)
+def paper(session: nox.Session) -> None:
+    """Rebuild every report from existing runs (no model is loaded; seconds)."""
+    for suite in session.posargs or DEMO_SUITES:
+        session.run("negmerge-bench", "report", f"{RUNS}/{suite}")
+
+
+@nox.session
+def regression(session: nox.Session) -> None:
+    """Fresh reduced runs, compared with the committed references; fails on a regression."""
+    for suite in session.posargs or REGRESSION_SUITES:
+        out = f"{RUNS}/regression/{suite}"
+        session.run("negmerge-bench", "run", suite, "--out", out, "--no-report")
+        session.run("negmerge-bench", "regress", out, "--against", f"results/{suite}")
+
+
+@nox.session
+def perf(session: nox.Session) -> None:
+    """Speed and memory benchmarks (pytest-benchmark): merge streaming vs naive at ViT-B-32 scale."""
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "benchmarks",
+        "-q",
+        "-s",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-only",
+        *session.posargs,
+    )

@@ -128,7 +128,7 @@ class RunRecorder:
             return
         self._row(row, method, "val", "forget_acc", sel.forget_val, sel, floor)
         self._row(row, method, "val", "control_acc", sel.control_val, sel, floor)
-        for metric, value in test.items():
+        for metric, value in sorted(test.items()):  # fixed order: a cached rerun writes identical bytes
             self._row(row, method, "test", metric, value, sel, floor)
 
     def extra(self, row: dict, method: str, metric: str, value: float) -> None:
