@@ -76,7 +76,11 @@ CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_classifier(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def build_classifier(name: str, num_classes: int, in_channels: int, widths: list[int] | None = None) -> nn.Module:
     if name not in CLASSIFIERS:
         raise BenchError(f"model.name: unknown classifier {name!r}; known: {', '.join(sorted(CLASSIFIERS))}")
+    if widths is not None:
+        if name != "small-resnet":
+            raise BenchError(f"model.widths only applies to small-resnet, not {name!r}")
+        return SmallResNet(num_classes=num_classes, in_channels=in_channels, widths=tuple(widths))
     return CLASSIFIERS[name](num_classes=num_classes, in_channels=in_channels)

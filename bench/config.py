@@ -234,6 +234,7 @@ class SgdGridCfg(Strict):
 
 class ClassicModelCfg(Strict):
     name: str = "small-resnet"
+    widths: list[int] | None = None  # small-resnet only: channels per stage (default 16, 32, 64)
 
 
 class ClassicDataCfg(Strict):

@@ -65,7 +65,7 @@ class ClassicRun:
             self.cache / "evals",
             {
                 "suite": "classic",
-                "model": cfg.model.name,
+                "model": cfg.model.model_dump(),
                 "dataset": cfg.dataset,
                 "data": cfg.data.model_dump(),
                 "mia": cfg.mia.model_dump(),
@@ -77,7 +77,9 @@ class ClassicRun:
     # -- models ----------------------------------------------------------------------------------
     def _new_model(self) -> nn.Module:
         torch.manual_seed(0)
-        return build_classifier(self.cfg.model.name, self.data.num_classes, self.data.in_channels)
+        return build_classifier(
+            self.cfg.model.name, self.data.num_classes, self.data.in_channels, self.cfg.model.widths
+        )
 
     def _model_from(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         model = self._new_model()
@@ -88,7 +90,7 @@ class ClassicRun:
         params = self.cfg.train.points(seed)[0]
         spec = {
             "role": role,
-            "model": self.cfg.model.name,
+            "model": self.cfg.model.model_dump(),
             "data": self.cfg.data.model_dump(),
             "dataset": self.cfg.dataset,
             "train_index": hashlib.sha256(index.numpy().tobytes()).hexdigest()[:16],
