@@ -20,6 +20,20 @@ TASK_VECTOR_METHODS = ("single_best", "average", "ties", "magmax", "negmerge")
 CLIP_METHODS = ("zeroshot", *TASK_VECTOR_METHODS, "gradient_ascent")
 
 
+def require_known(kind: str, names, known) -> None:
+    """One wording for every "not one of these" error: names the culprit and lists the choices."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+
+
+def _known_merges(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    from baselines import MERGES
+
+    require_known("merge", params, MERGES)
+    return params
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,9 +73,7 @@ class GridCfg(Strict):
     @field_validator("base", "grid")
     @classmethod
     def _known_params(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - PARAM_FIELDS)
-        if unknown:
-            raise ValueError(f"unknown hyperparameter {unknown[0]!r}; known: {', '.join(sorted(PARAM_FIELDS))}")
+        require_known("hyperparameter", sorted(value), PARAM_FIELDS)
         return value
 
     @field_validator("grid")
@@ -140,9 +152,7 @@ class ClipSuite(Strict):
 
         if not names:
             raise ValueError("give at least one forget dataset")
-        for n in names:
-            if n not in DATASETS:
-                raise ValueError(f"unknown dataset {n!r}; known: {', '.join(sorted(DATASETS))}")
+        require_known("dataset", names, DATASETS)
         return names
 
     @field_validator("control")
@@ -150,27 +160,19 @@ class ClipSuite(Strict):
     def _control_known(cls, name: str) -> str:
         from bench.data import DATASETS
 
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")
+        require_known("dataset", [name], DATASETS)
         return name
 
     @field_validator("methods")
     @classmethod
     def _methods_known(cls, names: list[str]) -> list[str]:
-        for n in names:
-            if n not in CLIP_METHODS:
-                raise ValueError(f"unknown method {n!r}; known: {', '.join(CLIP_METHODS)}")
+        require_known("method", names, CLIP_METHODS)
         return names
 
     @field_validator("merge_params")
     @classmethod
     def _merge_params_known(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from baselines import MERGES
-
-        for n in params:
-            if n not in MERGES:
-                raise ValueError(f"unknown merge {n!r}; known: {', '.join(sorted(MERGES))}")
-        return params
+        return _known_merges(params)
 
     @field_validator("finetune_per_dataset")
     @classmethod
@@ -209,10 +211,7 @@ class SgdGridCfg(Strict):
     def _known(cls, value: dict[str, Any]) -> dict[str, Any]:
         from bench.classic_train import SgdParams
 
-        known = {f.name for f in fields(SgdParams)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown SGD setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        require_known("SGD setting", sorted(value), {f.name for f in fields(SgdParams)})
         return value
 
     @field_validator("grid")
@@ -289,17 +288,18 @@ class ClassicSuite(Strict):
     @field_validator("methods")
     @classmethod
     def _methods_known(cls, names: list[str]) -> list[str]:
-        for n in names:
-            if n not in CLASSIC_METHODS:
-                raise ValueError(f"unknown method {n!r}; known: {', '.join(CLASSIC_METHODS)}")
+        require_known("method", names, CLASSIC_METHODS)
         return names
+
+    @field_validator("merge_params")
+    @classmethod
+    def _merge_params_known(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return _known_merges(params)
 
     @field_validator("baselines")
     @classmethod
     def _baselines_known(cls, value: dict[str, SgdGridCfg]) -> dict[str, SgdGridCfg]:
-        for n in value:
-            if n not in ("ft", "ga", "rl", "l1_sparse", "salun"):
-                raise ValueError(f"unknown baseline {n!r}; known: ft, ga, rl, l1_sparse, salun")
+        require_known("baseline", value, CLASSIC_BASELINES[2:])
         return value
 
     @model_validator(mode="after")

@@ -76,3 +76,22 @@ def test_list(capsys, what):
     assert {"suites": "mini-clip", "methods": "negmerge", "datasets": "fashion-mnist", "backbones": "ViT-B-32"}[
         what
     ] in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("methods=[retrain,unlearn9]", "methods: Value error, unknown method 'unlearn9'"),
+        ("baselines={ft: {base: {}}, sgd: {base: {}}}", "baselines: Value error, unknown baseline 'sgd'"),
+        ("merge_params={tie: {k: 0.2}}", "merge_params: Value error, unknown merge 'tie'"),
+        ("pool.grid={momentum: []}", "pool.grid: Value error, the grid is empty"),
+        ("pool.base={learning_rate: 0.1}", "unknown SGD setting 'learning_rate'"),
+        ("selection.rule=closest", "selection.rule: Input should be 'floor' or 'avg_gap'"),
+        ("forget={mode: class}", "forget.classes: class-wise forgetting needs at least one class"),
+        ("protocol=other", "protocol: expected 'clip' or 'classic'"),
+    ],
+)
+def test_bad_classic_config_names_the_field(override, message):
+    with pytest.raises(BenchError) as err:
+        load_suite("mini-classic", [override])
+    assert message in str(err.value)
