@@ -73,6 +73,7 @@ def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
+    fig.set_layout_engine("constrained")  # no title/label overlap between stacked panels
     fig.savefig(paths[0], bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight", dpi=150)
     plt.close(fig)
