@@ -6,7 +6,6 @@ random labels for Df; l1-sparse adds an l1 penalty; SalUn restricts updates to a
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -137,7 +136,3 @@ def saliency_mask(
     keep = max(1, int(round(len(flat) * (1 - sparsity))))
     cut = torch.topk(flat, keep, sorted=False).values.min()
     return {name: (g >= cut).float() for name, g in grads.items()}
-
-
-def fresh_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model)

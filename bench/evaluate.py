@@ -46,12 +46,6 @@ class Evaluator:
         return torch.cat(outs)
 
 
-def split_labels(split: ImageSplit) -> torch.Tensor:
-    if split.labels is not None:
-        return split.labels
-    return torch.tensor([int(y) for _, y in split.dataset])
-
-
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
