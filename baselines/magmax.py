@@ -11,14 +11,20 @@ from negmerge.streaming import Where, merge_elementwise
 
 
 def _max_magnitude(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-    best = tensors[0].clone()
+    """Fold over the candidates in order; ">=" so a tie goes to the later one (DESIGN.md §3).
+
+    Float ops only (this torch's comparisons and torch.where are several times slower): ``take`` is
+    sign(|t| - |best|) + 1 clamped to 1, i.e. 1.0 where |t| >= |best| and 0.0 elsewhere, and
+    lerp with a weight of exactly 0 or 1 returns ``best`` or ``t`` bit for bit.
+    """
+    best = tensors[0]
     best_abs = best.abs()
     for t in tensors[1:]:
         mag = t.abs()
-        take = mag >= best_abs  # ">=": on a tie the later candidate wins (DESIGN.md §3)
-        best = torch.where(take, t, best)
-        best_abs = torch.where(take, mag, best_abs)
-    return best
+        take = torch.sign(mag - best_abs).add_(1).clamp_(max=1)
+        best = torch.lerp(best, t, take)
+        best_abs = torch.maximum(best_abs, mag, out=best_abs)
+    return best.clone() if best is tensors[0] else best
 
 
 def magmax_merge(task_vectors: Sequence[SourceLike]) -> dict[str, torch.Tensor]:

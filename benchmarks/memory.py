@@ -22,7 +22,7 @@ def rss_anon_bytes() -> int:
     raise RuntimeError("RssAnon not in /proc/self/status (Linux only)")
 
 
-def _child(fn: Callable[..., Any], args: tuple, threads: int, queue: mp.Queue) -> None:
+def _child(fn: Callable[..., Any], args: tuple, threads: int, repeats: int, queue: mp.Queue) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -38,20 +38,27 @@ def _child(fn: Callable[..., Any], args: tuple, threads: int, queue: mp.Queue) -
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
-    fn(*args)
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
     done.set()
     sampler.join()
     peak = max(peak, rss_anon_bytes())
-    queue.put({"seconds": seconds, "peak_rss_anon": peak, "baseline_rss_anon": baseline})
+    queue.put({"seconds": min(times), "all_seconds": times, "peak_rss_anon": peak, "baseline_rss_anon": baseline})
 
 
-def measure(fn: Callable[..., Any], *args: Any, threads: int = 2) -> dict[str, float]:
-    """Run ``fn(*args)`` in a spawned process; return its seconds and peak RssAnon (bytes)."""
+def measure(fn: Callable[..., Any], *args: Any, threads: int = 2, repeats: int = 1) -> dict[str, Any]:
+    """Run ``fn(*args)`` ``repeats`` times in one spawned process.
+
+    Returns the fastest run's seconds (timed inside the child: process start and imports excluded;
+    the minimum because this machine's speed drifts, and noise only ever adds time), every run's
+    seconds, and the peak RssAnon in bytes over all runs.
+    """
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(fn, args, threads, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, threads, repeats, queue))
     proc.start()
     result = queue.get()
     proc.join()

@@ -6,7 +6,11 @@ file go through exactly the same code (and give bit-identical results).
 
 from __future__ import annotations
 
+import json
+import mmap
 import os
+import struct
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
@@ -53,10 +57,13 @@ class DictSource:
 
 
 class SafetensorsSource:
-    """A safetensors file, memory-mapped: only the tensor asked for is copied into process memory.
+    """A safetensors file, memory-mapped: ``get`` returns a zero-copy view of the file's pages.
 
-    The file's pages are page cache (reclaimable), so K candidates on disk cost about one tensor each
-    of anonymous memory while a merge runs, not one model each.
+    The pages are page cache (reclaimable), so K candidates on disk cost no anonymous memory while a
+    merge runs, and the merge reads each byte straight from the mapping instead of first copying each
+    tensor out (that copy was a third of the merge's time). The mapping is private copy-on-write:
+    writing into a returned tensor changes this process's copy only, never the file.
+    safetensors itself validates the file; the layout (dtype, shape, byte range) comes from its header.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -69,6 +76,7 @@ class SafetensorsSource:
         except Exception as exc:  # safetensors raises its own error types
             raise MergeInputError(f"{self.path} is not a readable safetensors file: {exc}") from exc
         self._keys = list(self._handle.keys())
+        self._layout, self._mapping = _map_file(self.path)
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -80,7 +88,56 @@ class SafetensorsSource:
         return self._handle.get_slice(key).get_dtype() in _FLOAT_DTYPES
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handle.get_tensor(key)
+        layout = self._layout.get(key) if self._mapping is not None else None
+        if layout is None:  # a dtype torch cannot view, or a big-endian host: let safetensors copy it
+            return self._handle.get_tensor(key)
+        dtype, shape, offset, count = layout
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._mapping, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+_VIEWABLE_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+Layout = tuple[torch.dtype, tuple[int, ...], int, int]  # dtype, shape, byte offset in file, element count
+
+
+def _map_file(path: Path) -> tuple[dict[str, Layout], mmap.mmap | None]:
+    """Parse the safetensors header (u64 little-endian length, then JSON) and map the file.
+
+    Tensors whose dtype torch cannot view are left out of the layout (``get`` falls back to a copy).
+    """
+    if sys.byteorder != "little":
+        return {}, None
+    with open(path, "rb") as f:
+        header_len = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(header_len))
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return {}, None
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data_start = 8 + header_len
+    layout: dict[str, Layout] = {}
+    for key, info in header.items():
+        if key == "__metadata__" or info["dtype"] not in _VIEWABLE_DTYPES:
+            continue
+        dtype = _VIEWABLE_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if data_start + end > size or (end - begin) % dtype.itemsize:
+            raise MergeInputError(f"{path}: key {key!r} has a byte range that does not fit the file")
+        layout[key] = (dtype, tuple(info["shape"]), data_start + begin, (end - begin) // dtype.itemsize)
+    return layout, mapping
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}

@@ -10,8 +10,8 @@ K chunks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -21,14 +21,45 @@ from negmerge.sources import SourceLike, TensorSource, as_source
 CHUNK_ELEMENTS = 1 << 18  # 1 MiB of float32 per candidate: K chunks plus accumulators fit in L2/L3
 
 
-@dataclass(frozen=True)
 class Where:
-    """Which slice of which tensor a chunk is, plus the chunks' elementwise sum (already computed
-    for validation; reducers that need it should not recompute it)."""
+    """Which slice of which tensor a chunk is, and the chunks' elementwise sum.
 
-    key: str
-    start: int
-    total: torch.Tensor
+    The sum doubles as the NaN/Inf check (any NaN or Inf input makes it non-finite there), so every
+    chunk's sum is checked exactly once: a reducer either reads ``total`` (computed and checked on
+    first use) or computes the sum inside its own loop and hands it over with ``provide_total``,
+    which saves a pass over the K chunks. The engine checks a chunk nobody summed.
+    """
+
+    __slots__ = ("key", "start", "_chunks", "_sources", "_total")
+
+    def __init__(self, key: str, start: int, chunks: list[torch.Tensor], sources: Sequence[TensorSource]) -> None:
+        self.key = key
+        self.start = start
+        self._chunks = chunks
+        self._sources = sources
+        self._total: torch.Tensor | None = None
+
+    @property
+    def total(self) -> torch.Tensor:
+        if self._total is None:
+            total = self._chunks[0].clone()
+            for c in self._chunks[1:]:
+                total += c
+            self.provide_total(total)
+        return self._total
+
+    def provide_total(self, total: torch.Tensor) -> bool:
+        """Accept a reducer's own sum of the chunks, after checking the inputs for NaN/Inf.
+
+        Returns whether the sum is finite everywhere (False only where finite inputs overflowed).
+        """
+        finite = _check_finite(total, self._chunks, self._sources, self.key)
+        self._total = total
+        return finite
+
+    @property
+    def checked(self) -> bool:
+        return self._total is not None
 
 
 Reduce = Callable[[list[torch.Tensor], Where], torch.Tensor]
@@ -74,19 +105,19 @@ def iter_float32_chunks(tensor: torch.Tensor, chunk: int | None = None):
         yield start, part if part.dtype == torch.float32 else part.to(torch.float32)
 
 
-def _sum_checked(chunks: list[torch.Tensor], sources: Sequence[TensorSource], key: str) -> torch.Tensor:
-    """Elementwise sum of the K chunks, which doubles as the NaN/Inf check: any NaN or Inf input makes
-    the sum non-finite there (one add per candidate, versus several passes for torch.isfinite). Only
-    then is each candidate tested exactly, to name the culprit; a sum that merely overflowed from finite
-    values is no error."""
-    total = chunks[0].clone()
-    for c in chunks[1:]:
-        total += c
-    if not torch.isfinite(total).all():
-        for i, c in enumerate(chunks):
-            if not torch.isfinite(c).all():
-                raise MergeInputError(f"candidate {i} ({sources[i].name}): key {key!r} contains NaN or Inf")
-    return total
+def _check_finite(total: torch.Tensor, chunks: list[torch.Tensor], sources: Sequence[TensorSource], key: str) -> bool:
+    """Raise naming the first candidate with a NaN or Inf in this chunk; else say whether the sum is finite.
+
+    One reduction of the sum decides the common case (a NaN or Inf anywhere makes the sum's sum
+    non-finite; torch.isfinite is far slower). Only then is each candidate tested exactly: a sum that
+    merely overflowed from finite values is no error, and the reducer learns of it (returns False).
+    """
+    if math.isfinite(total.sum().item()) or torch.isfinite(total).all():
+        return True
+    for i, c in enumerate(chunks):
+        if not torch.isfinite(c).all():
+            raise MergeInputError(f"candidate {i} ({sources[i].name}): key {key!r} contains NaN or Inf")
+    return False
 
 
 def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[str, torch.Tensor]:
@@ -101,8 +132,10 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
         for parts in zip(*streams):
             start = parts[0][0]
             chunks = [c for _, c in parts]
-            total = _sum_checked(chunks, sources, key)
-            merged = reduce(chunks, Where(key, start, total))
+            where = Where(key, start, chunks, sources)
+            merged = reduce(chunks, where)
+            if not where.checked:
+                where.total  # noqa: B018 (evaluating it runs the NaN/Inf check)
             flat_out[start : start + merged.numel()] = merged
         del tensors, streams
         out[key] = result

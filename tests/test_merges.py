@@ -139,6 +139,28 @@ def test_non_finite_input_is_a_clear_error(name, bad):
         get_merge(name)(pool)
 
 
+def test_dropped_entries_are_positive_zero():
+    """The fast path masks by multiplication; a dropped negative mean must still come out +0.0."""
+    pool = [{"w": torch.tensor([-1.0, -3.0, 3.0])}, {"w": torch.tensor([-3.0, 1.0, -3.0])}]
+    merged = get_merge("negmerge")(pool)["w"]
+    assert merged.tolist() == [-2.0, 0.0, 0.0]
+    assert not torch.signbit(merged[1:]).any()
+
+
+def test_sum_overflow_from_finite_inputs_is_no_error_and_no_nan():
+    """Finite values whose float32 sum overflows are valid input: kept entries overflow to inf
+    (float32 accumulation), dropped ones stay exactly 0, never NaN (inf * 0)."""
+    big = 3e38
+    pool = [
+        {"w": torch.tensor([big, big, 1.0])},
+        {"w": torch.tensor([big, big, 1.0])},
+        {"w": torch.tensor([big, -big, 1.0])},
+    ]
+    merged = get_merge("negmerge")(pool)["w"]
+    assert merged[0] == float("inf") and merged[1] == 0.0 and merged[2] == 1.0
+    assert not torch.isnan(merged).any()
+
+
 @pytest.mark.parametrize("name", ["negmerge", "average", "ties", "magmax"])
 def test_layout_errors_name_the_key(name):
     a = {"x": torch.zeros(2), "y": torch.zeros(3)}

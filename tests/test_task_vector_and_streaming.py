@@ -77,6 +77,29 @@ def test_streamed_and_in_memory_are_bit_identical(tmp_path, name, dtype):
         assert streamed[k].dtype == dtype
 
 
+def test_file_views_match_safetensors_and_never_write_back(tmp_path):
+    """Zero-copy views of every dtype (odd lengths, an empty tensor) equal safetensors' own copies;
+    writing into a view changes this process's copy-on-write page only, never the file."""
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "a_half": torch.randn(3, generator=g).half(),
+        "b_float": torch.randn(2, 5, generator=g),
+        "c_bf16": torch.randn(7, generator=g).bfloat16(),
+        "d_int": torch.arange(3),
+        "e_empty": torch.zeros(0, 4),
+        "f_double": torch.randn(2, generator=g).double(),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_state(state, path)
+    source = SafetensorsSource(path)
+    for key, expected in state.items():
+        got = source.get(key)
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert torch.equal(got, expected), key
+    source.get("b_float").fill_(7.0)
+    assert torch.equal(load_file(str(path))["b_float"], state["b_float"])
+
+
 def test_save_state_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "tv.safetensors"
     save_state({"w": torch.ones(3)}, path)
