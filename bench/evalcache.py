@@ -5,6 +5,7 @@ with a cached pool is seconds, and any change to the inputs or to the evaluation
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,19 @@ class EvalCache:
         return value
 
 
+def merge_code_hash(method: str) -> str:
+    """Hash of a merge's implementation (its module and the streaming engine), or "" for a name
+    that is not a registered merge: editing a merge must not let stale cached evaluations through."""
+    import negmerge.streaming
+    from baselines import MERGES
+
+    if method not in MERGES:
+        return ""
+    files = (inspect.getsourcefile(MERGES[method]), negmerge.streaming.__file__)
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:12]
+
+
 def vector_id(method: str, params: dict[str, Any], member_keys: list[str]) -> str:
-    """Identity of a merged vector: the merge, its parameters and the pool members it merged."""
-    return hashlib.sha256(json.dumps([method, params, sorted(member_keys)], sort_keys=True).encode()).hexdigest()[:20]
+    """Identity of a merged vector: the merge (name and code), its parameters and the members it merged."""
+    blob = json.dumps([method, merge_code_hash(method), params, sorted(member_keys)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]

@@ -62,3 +62,16 @@ def test_loss_attack_auc_definition():
     nonmembers = torch.tensor([0.25, 1.0, 2.0])
     # pairs (member loss < non-member loss): 0.1<all 3, 0.2<all 3, 0.3<2 of 3 -> 8/9
     assert loss_attack_auc(members, nonmembers) == pytest.approx(100 * 8 / 9)
+
+
+def test_merged_vector_identity_covers_merge_code(monkeypatch):
+    """A cached evaluation of a merged vector is keyed by the merge's code: editing the merge
+    (here: pretending its module changed) gives a new identity, so nothing stale is reused."""
+    import bench.evalcache as evalcache
+
+    before = evalcache.vector_id("negmerge", {"threshold": 1.0}, ["b", "a"])
+    assert before == evalcache.vector_id("negmerge", {"threshold": 1.0}, ["a", "b"])  # member order is irrelevant
+    assert before != evalcache.vector_id("negmerge", {"threshold": 0.8}, ["a", "b"])
+    assert evalcache.merge_code_hash("single") == ""
+    monkeypatch.setattr(evalcache, "merge_code_hash", lambda method: "edited")
+    assert before != evalcache.vector_id("negmerge", {"threshold": 1.0}, ["a", "b"])
