@@ -20,6 +20,15 @@ TASK_VECTOR_METHODS = ("single_best", "average", "ties", "magmax", "negmerge")
 CLIP_METHODS = ("zeroshot", *TASK_VECTOR_METHODS, "gradient_ascent")
 
 
+BASELINE_PARAMS = {  # what each classic baseline reads from baseline_params
+    "ft": (),
+    "ga": (),
+    "rl": ("retain_fraction",),
+    "l1_sparse": ("alpha",),
+    "salun": ("sparsity", "retain_fraction"),
+}
+
+
 def require_known(kind: str, names, known) -> None:
     """One wording for every "not one of these" error: names the culprit and lists the choices."""
     for name in names:
@@ -276,6 +285,7 @@ class ClassicSuite(Strict):
     train: SgdGridCfg  # Original and Retrain
     original_per_seed: bool = False  # one Original for all seeds (it does not depend on Df) or one per seed
     baselines: dict[str, SgdGridCfg] = {}  # ft, ga, rl, l1_sparse, salun -> settings (a grid is selected on Val)
+    # l1_sparse.alpha, salun.sparsity, and rl/salun.retain_fraction (share of Dr mixed with the relabelled Df)
     baseline_params: dict[str, dict[str, float]] = {"l1_sparse": {"alpha": 5e-4}, "salun": {"sparsity": 0.5}}
     pool: SgdGridCfg  # the task-vector candidates: fine-tune the Original on Df
     methods: list[str] = list(CLASSIC_METHODS)
@@ -295,6 +305,18 @@ class ClassicSuite(Strict):
     @classmethod
     def _merge_params_known(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         return _known_merges(params)
+
+    @field_validator("baseline_params")
+    @classmethod
+    def _baseline_params_known(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        require_known("baseline", value, BASELINE_PARAMS)
+        for method, params in value.items():
+            require_known(f"{method} parameter", params, BASELINE_PARAMS[method])
+        for method, params in value.items():
+            fraction = params.get("retain_fraction", 1.0)
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError(f"baseline_params.{method}.retain_fraction must be in (0, 1], got {fraction}")
+        return value
 
     @field_validator("baselines")
     @classmethod

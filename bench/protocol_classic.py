@@ -250,7 +250,7 @@ class ClassicRun:
                         progress=cfg.progress,
                     )
                 else:  # rl and salun: Df with random wrong labels, mixed with Dr (as SalUn does)
-                    x, y = self._random_label_set(seed)
+                    x, y = self._random_label_set(seed, extra.get("retain_fraction", 1.0))
                     mask = None
                     if method == "salun":
                         mask = saliency_mask(
@@ -271,12 +271,19 @@ class ClassicRun:
         best, reason = self._select(candidates) if candidates else (None, f"every {method} setting diverged")
         self._record(row, method, candidates[best][0] if best is not None else None, None, reason, seed)
 
-    def _random_label_set(self, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _random_label_set(self, seed: int, retain_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Df relabelled with a random wrong class, plus a seeded ``retain_fraction`` of Dr with true labels.
+
+        SalUn's RL trains on Df and all of Dr (fraction 1.0, the default): the wrong labels are then a
+        tenth of the data at 10% forgetting, so the model unlearns Df without losing Dr. Mixing in only
+        |Df| retain samples makes half the labels noise and collapses accuracy everywhere.
+        """
         d = self.data
         gen = torch.Generator().manual_seed(seed)
         true = d.train_y[self.df]
         wrong = (true + torch.randint(1, d.num_classes, true.shape, generator=gen)) % d.num_classes
-        keep_dr = self.dr[torch.randperm(len(self.dr), generator=gen)[: len(self.df)]]
+        n_retain = max(1, round(retain_fraction * len(self.dr)))
+        keep_dr = self.dr[torch.randperm(len(self.dr), generator=gen)[:n_retain]]
         return torch.cat([d.train_x[self.df], d.train_x[keep_dr]]), torch.cat([wrong, d.train_y[keep_dr]])
 
     def _task_vectors(self, row: dict, seed: int) -> None:

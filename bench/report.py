@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
-from bench.io import write_text_atomic  # noqa: E402
+from bench.io import write_atomic, write_text_atomic  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
 
 NAMES = {
@@ -74,8 +74,8 @@ def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
     fig.set_layout_engine("constrained")  # no title/label overlap between stacked panels
-    fig.savefig(paths[0], bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", dpi=150)
+    write_atomic(paths[0], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"), mode="wb")
+    write_atomic(paths[1], lambda f: fig.savefig(f, format="png", bbox_inches="tight", dpi=150), mode="wb")
     plt.close(fig)
     return paths
 
@@ -264,17 +264,46 @@ CLASSIC_COLS = {
 }
 
 
-def classic_table(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+def classic_table(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """Test metrics per method: mean and std over seeds, and how many seeds each mean covers.
+
+    Every method of the run gets a row, also one whose selection found no feasible setting in some
+    or all seeds (its cells are then NaN): a table that silently drops a method misleads.
+    """
     test = results[(results.split == "test") & results.metric.isin(CLASSIC_COLS)]
     mean = test.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
     std = test.pivot_table(index="method", columns="metric", values="value", aggfunc="std").fillna(0.0)
+    seeds = test.groupby("method").seed.nunique()
     cols = [c for c in CLASSIC_COLS if c in mean.columns]
-    order = _ordered(mean.index)
-    return mean.reindex(index=order, columns=cols), std.reindex(index=order, columns=cols)
+    order = _ordered(results.method.unique())
+    return (
+        mean.reindex(index=order, columns=cols),
+        std.reindex(index=order, columns=cols),
+        seeds.reindex(order).fillna(0).astype(int),
+    )
 
 
-def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, manifest: dict) -> str:
-    cells = mean.map(lambda v: f"{v:.2f}") + r" $\pm$ " + std.map(lambda v: f"{v:.2f}")
+def _row_labels(seeds: pd.Series, total: int, names: dict[str, str]) -> dict[str, str]:
+    """Method names, marked where the mean covers fewer seeds than the run had."""
+    labels = {}
+    for method, n in seeds.items():
+        name = names.get(method, method)
+        if n == 0:
+            name += " (no feasible setting)"
+        elif n < total:
+            name += f" ({n}/{total} seeds)"
+        labels[method] = name
+    return labels
+
+
+def _mean_pm_std(mean: pd.DataFrame, std: pd.DataFrame, pm: str) -> pd.DataFrame:
+    cells = mean.map(lambda v: f"{v:.2f}") + pm + std.map(lambda v: f"{v:.2f}")
+    return cells.where(mean.notna(), "--")
+
+
+def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict) -> str:
+    cfg = manifest["config"]
+    cells = _mean_pm_std(mean, std, r" $\pm$ ")
     rivals = [m for m in mean.index if m not in ("retrain", "original")]
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
     if "retrain" in mean.index and rivals:
@@ -282,10 +311,11 @@ def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, manifest: dict) -> str:
             closeness = (
                 mean.loc[rivals, col] if col == "avg_gap" else (mean.loc[rivals, col] - mean.loc["retrain", col]).abs()
             )
-            mask.loc[closeness.idxmin(), col] = True
-    shown = cells.rename(index=NAMES, columns=CLASSIC_COLS)
-    mask = mask.rename(index=NAMES, columns=CLASSIC_COLS)
-    cfg = manifest["config"]
+            if closeness.notna().any():
+                mask.loc[closeness.idxmin(), col] = True
+    labels = _row_labels(seeds, len(cfg["seeds"]), NAMES)
+    shown = cells.rename(index=labels, columns=CLASSIC_COLS)
+    mask = mask.rename(index=labels, columns=CLASSIC_COLS)
     caption = (
         f"Random {100 * cfg['forget']['fraction']:.0f}\\% forgetting on {cfg['dataset']} with {cfg['model']['name']}: "
         f"accuracy (\\%) on $D_r$, $D_f$, $D_{{test}}$, MIA-efficacy, and the average gap to Retrain (lower is "
@@ -305,7 +335,9 @@ def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, manifest: dict) -> str:
 def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: float) -> list[Path]:
     paths: list[Path] = []
     test = results[results.split == "test"]
-    mean, std = classic_table(results)
+    mean, std, _ = classic_table(results)
+    mean = mean.dropna(how="all")  # methods with no feasible setting have nothing to plot
+    std = std.loc[mean.index]
     if "avg_gap" in mean:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         gap = mean["avg_gap"].drop(["retrain"], errors="ignore")
@@ -390,10 +422,10 @@ def build_report(run_dir: Path) -> list[Path]:
         md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
         table_md = md.to_markdown()
     else:
-        mean, std = classic_table(results)
-        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, manifest)))
+        mean, std, seeds = classic_table(results)
+        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest)))
         written += classic_figures(results, curves, out, floor)
-        cells = (mean.map(lambda v: f"{v:.2f}") + " ± " + std.map(lambda v: f"{v:.2f}")).rename(index=PLAIN)
+        cells = _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, len(cfg["seeds"]), PLAIN))
         table_md = cells.to_markdown()
     written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
     return written

@@ -86,6 +86,11 @@ def test_list(capsys, what):
         ("merge_params={tie: {k: 0.2}}", "merge_params: Value error, unknown merge 'tie'"),
         ("pool.grid={momentum: []}", "pool.grid: Value error, the grid is empty"),
         ("pool.base={learning_rate: 0.1}", "unknown SGD setting 'learning_rate'"),
+        (
+            "baseline_params.rl.retain_fracton=0.5",
+            "baseline_params: Value error, unknown rl parameter 'retain_fracton'",
+        ),
+        ("baseline_params.salun.retain_fraction=0", "baseline_params.salun.retain_fraction must be in (0, 1]"),
         ("selection.rule=closest", "selection.rule: Input should be 'floor' or 'avg_gap'"),
         ("forget={mode: class}", "forget.classes: class-wise forgetting needs at least one class"),
         ("protocol=other", "protocol: expected 'clip' or 'classic'"),

@@ -141,3 +141,37 @@ def test_regress_flags_a_missing_method(tmp_path):
     results = pd.read_csv(run / "results.csv")
     results[results.method != "ties"].to_csv(run / "results.csv", index=False)
     assert (compare(run, ref).status == "MISSING").any()
+
+
+def test_classic_table_keeps_methods_without_a_feasible_setting(tmp_path):
+    """A method whose selection found nothing stays in the table as '--', and a mean over fewer
+    seeds than the run had says so; the table still compiles."""
+    from bench.report import classic_latex, classic_table
+
+    rows = []
+    for seed in (0, 1):
+        for method, feasible in (("retrain", True), ("negmerge", True), ("rl", False), ("salun", seed == 0)):
+            common = dict(suite="syn", backbone="r", dataset="fm", method=method, seed=seed, lam=None, floor=0.95)
+            common.update(feasible=feasible, at_grid_edge=False, selection_rule="floor")
+            if not feasible:
+                rows.append({**common, "split": "val", "metric": "forget_acc", "value": float("nan")})
+                continue
+            for metric in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy", "avg_gap"):
+                rows.append({**common, "split": "test", "metric": metric, "value": 50.0 + seed})
+    mean, std, seeds = classic_table(pd.DataFrame(rows, columns=RESULT_COLUMNS))
+    assert list(mean.index) == ["retrain", "rl", "salun", "negmerge"]
+    assert mean.loc["rl"].isna().all() and seeds.to_dict() == {"retrain": 2, "rl": 0, "salun": 1, "negmerge": 2}
+    manifest = {
+        "config": {
+            "name": "syn",
+            "seeds": [0, 1],
+            "forget": {"fraction": 0.1},
+            "dataset": "fm",
+            "model": {"name": "r"},
+            "selection": {"rule": "floor", "floor": 0.95},
+            "bn": "keep",
+        }
+    }
+    tex = classic_latex(mean, std, seeds, manifest)
+    assert "RL (no feasible setting) & -- & --" in tex and "SalUn (1/2 seeds)" in tex
+    assert_compiles(tex, tmp_path)
