@@ -55,8 +55,12 @@ class Backbone:
         return self.model.visual
 
     def identity(self) -> str:
-        """Content id of the starting weights: what the candidate pool's cache keys depend on."""
-        h = hashlib.sha256(f"{self.name}|{self.pretrained}".encode())
+        """Content id of the starting weights: what the candidate pool's cache keys depend on.
+
+        Architecture name and weight bytes only: ``pretrained`` can be a file path (the mini backbones
+        live in the cache), and moving a cache must not invalidate what it holds.
+        """
+        h = hashlib.sha256(self.name.encode())
         for k, v in sorted(self.model.state_dict().items()):
             h.update(k.encode())
             h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -21,8 +21,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on missing weights, no network timeouts
     from bench.config import ClipSuite, load_suite
 
-    cfg = load_suite(args.suite, args.set)
+    cfg = load_suite(args.suite, args.set)  # validated here, before anything is submitted
     out = Path(args.out or Path("runs") / cfg.name)
+    if args.executor and not _run_on_cluster(args, cfg.seeds, out):
+        return 0  # submitted with --no-wait
     print(f"[negmerge-bench] suite {cfg.name} -> {out} (cache {cache_dir()})", file=sys.stderr)
     if isinstance(cfg, ClipSuite):
         from bench.protocol_clip import ClipRun
@@ -42,6 +44,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         for note in rec.notes:
             print(f"note: {note}")
     return 0
+
+
+def _run_on_cluster(args: argparse.Namespace, seeds: list[int], out: Path) -> bool:
+    """Fill the shared cache with one job per seed; True when the local assembly should follow."""
+    from bench.cluster import ClusterOptions, submit_seeds
+
+    opts = ClusterOptions(
+        executor=args.executor,
+        partition=args.partition,
+        timeout_min=args.timeout_min,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        mem_gb=args.mem_gb,
+    )
+    jobs = submit_seeds(args.suite, args.set, seeds, out, cache_dir(), opts)
+    print(f"[negmerge-bench] submitted {len(jobs)} jobs: {', '.join(str(j.job_id) for j in jobs)}", file=sys.stderr)
+    if args.no_wait:
+        print(
+            f"when they finish, assemble with the same command without --executor (all cached): logs in {out}/cluster-logs"
+        )
+        return False
+    for job in jobs:
+        job.result()  # raises with the job's traceback if it failed
+    print("[negmerge-bench] every seed finished; assembling from the cache", file=sys.stderr)
+    return True
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -103,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/SUITE)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--no-report", action="store_true", help="skip writing DIR/report (tables, figures)")
+    cluster = run.add_argument_group("cluster (submitit): one job per seed, then assembly from the shared cache")
+    cluster.add_argument("--executor", choices=["slurm", "local", "debug"], help="submit per-seed jobs")
+    cluster.add_argument("--partition", help="SLURM partition")
+    cluster.add_argument("--timeout-min", type=int, default=240, help="per-job time limit (default 240)")
+    cluster.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per job (default 1)")
+    cluster.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per job (default 8)")
+    cluster.add_argument("--mem-gb", type=float, help="memory per job in GB")
+    cluster.add_argument("--no-wait", action="store_true", help="submit and return; assemble later")
     run.set_defaults(fn=cmd_run)
     rep = sub.add_parser("report", help="LaTeX tables, figures and a summary from a run's files")
     rep.add_argument("run_dir")

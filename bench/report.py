@@ -74,8 +74,8 @@ def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
     fig.set_layout_engine("constrained")  # no title/label overlap between stacked panels
-    write_atomic(paths[0], lambda f: fig.savefig(f, format="pdf", bbox_inches="tight"), mode="wb")
-    write_atomic(paths[1], lambda f: fig.savefig(f, format="png", bbox_inches="tight", dpi=150), mode="wb")
+    write_atomic(paths[0], lambda f: fig.savefig(f, format="pdf"), mode="wb")
+    write_atomic(paths[1], lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
     plt.close(fig)
     return paths
 
@@ -198,10 +198,16 @@ def _sensitivity(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: 
             sel = select_lambda(list(cm.lam), list(cm.forget_val), list(cm.control_val), ref.iloc[0], floor)
             singles.append(sel.forget_val if sel.feasible else np.nan)
         ax.bar(range(len(singles)), singles, color="0.7", label="single candidates")
+        shown = [v for v in singles if np.isfinite(v)]
         for m in ("average", "ties", "magmax", "negmerge"):
             v = val[(val.dataset == ds) & (val.method == m) & (val.metric == "forget_acc")].value
             if len(v):
                 ax.axhline(v.mean(), color=COLORS[m], lw=2, ls="-" if m == "negmerge" else "--", label=PLAIN[m])
+                shown.append(v.mean())
+        if shown:  # zoom to the values: the spread between settings is the point of this figure
+            low, high = min(shown), max(shown)
+            pad = max(1.0, 0.15 * (high - low))
+            ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
         ax.set(
             title=ds, xlabel="candidate (hyperparameter setting)", ylabel="forget accuracy (%), Val, at selected lambda"
         )

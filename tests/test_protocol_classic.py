@@ -88,3 +88,26 @@ def test_report_and_regress_on_the_run(classic_run, tmp_path):
     results.loc[hit, "value"] += 10.0
     results.to_csv(degraded / "results.csv", index=False)
     assert main(["regress", str(degraded), "--against", str(classic_run)]) == 1
+
+
+@pytest.mark.integration
+def test_cluster_path_fills_the_cache_per_seed_then_assembles_the_same_run(classic_run, tmp_path):
+    """`run --executor debug`: the submitit code path of a SLURM run, in process. One job per seed
+    runs against the shared cache (here the fixture's, so nothing is retrained), then the assembly
+    writes the same results as the single-machine run."""
+    pytest.importorskip("submitit")
+    out = tmp_path / "cluster-run"
+    assert main(["run", "mini-classic-tiny", "--out", str(out), "--executor", "debug", "--no-report"]) == 0
+    for seed in (0, 1):
+        per_seed = pd.read_csv(out / "seeds" / f"seed{seed}" / "results.csv")
+        assert set(per_seed.seed) == {seed}
+    cols = ["method", "seed", "split", "metric", "value"]
+    assembled = pd.read_csv(out / "results.csv")[cols].sort_values(cols[:4]).reset_index(drop=True)
+    single = pd.read_csv(classic_run / "results.csv")[cols].sort_values(cols[:4]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(assembled, single)
+
+
+def test_cluster_run_needs_a_partition_on_slurm(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    assert main(["run", "mini-classic-tiny", "--out", str(tmp_path), "--executor", "slurm", "--no-wait"]) == 2
+    assert "--partition: SLURM jobs need a partition" in capsys.readouterr().err

@@ -160,3 +160,20 @@ def test_real_backbone_code_path_with_random_vit_b32(cache, tmp_path):
     results = pd.read_csv(tmp_path / "results.csv")
     assert set(results.backbone) == {"ViT-B-32/None"}
     assert set(results.method) == ALL_METHODS
+
+
+def test_backbone_identity_is_weights_not_location():
+    """Pool and evaluation keys hang on this id: a relocated cache (the mini backbones live in it,
+    so `pretrained` is a path) must keep its entries, and different weights must not share them."""
+    import dataclasses
+
+    import torch
+
+    from bench.backbones import Backbone
+
+    model = torch.nn.Linear(3, 2)
+    here = Backbone("mini-clip-vit", "/cache/a/backbone.safetensors", model, None, 32, (0.5,), (0.5,))
+    moved = dataclasses.replace(here, pretrained="/elsewhere/backbone.safetensors")
+    assert here.identity() == moved.identity()
+    other = torch.nn.Linear(3, 2)
+    assert here.identity() != dataclasses.replace(here, model=other).identity()
