@@ -172,7 +172,7 @@ def test_backbone_identity_is_weights_not_location():
     from bench.backbones import Backbone
 
     model = torch.nn.Linear(3, 2)
-    here = Backbone("mini-clip-vit", "/cache/a/backbone.safetensors", model, None, 32, (0.5,), (0.5,))
+    here = Backbone("mini-clip-vit", "/cache/a/backbone.safetensors", model, None, 32, (0.5,), (0.5,), None)
     moved = dataclasses.replace(here, pretrained="/elsewhere/backbone.safetensors")
     assert here.identity() == moved.identity()
     other = torch.nn.Linear(3, 2)
