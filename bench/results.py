@@ -52,7 +52,9 @@ def git_commit(repo: Path) -> dict[str, Any]:
         ).stdout.strip()
 
     try:
-        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+        # dirty = uncommitted code or config; run outputs (results/, runs/) do not make a run dirty
+        changes = git("status", "--porcelain", "--", ".", ":(exclude)results", ":(exclude)runs")
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
