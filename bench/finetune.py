@@ -7,7 +7,9 @@ Every hyperparameter is a field of ``FinetuneParams`` so the grid is config, not
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -94,6 +96,20 @@ def _batches(split: ImageSplit, backbone: Backbone, batch_size: int, generator: 
             yield backbone.to_input(images), split.labels[idx]
 
 
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int):
+    """timm's RandAugment draws from Python's and numpy's global RNGs, not from our generator: seed
+    them for one fine-tune, so an augmented candidate is reproducible, then restore them."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 def finetune(
     backbone: Backbone,
     head: torch.Tensor,
@@ -129,19 +145,20 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(params.seed)
     batches = _batches(split, backbone, params.batch_size, gen, _augmenter(params.randaug))
-    bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
-    for _ in bar:
-        opt.zero_grad(set_to_none=True)
-        for _ in range(params.grad_accum):
-            x, y = next(batches)
-            loss = F.cross_entropy(clf(x), y, label_smoothing=params.label_smoothing)
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} during {desc}")
-            (direction * loss / params.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(visual.parameters(), params.grad_clip)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    with _seeded_global_rngs(params.seed):
+        bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
+        for _ in bar:
+            opt.zero_grad(set_to_none=True)
+            for _ in range(params.grad_accum):
+                x, y = next(batches)
+                loss = F.cross_entropy(clf(x), y, label_smoothing=params.label_smoothing)
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss became {loss.item()} during {desc}")
+                (direction * loss / params.grad_accum).backward()
+            torch.nn.utils.clip_grad_norm_(visual.parameters(), params.grad_clip)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     state = {k: v.detach().clone() for k, v in visual.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values() if torch.is_floating_point(v)):
         raise Diverged(f"weights became NaN/Inf during {desc}")
