@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from bench.cluster import EXECUTORS
 from bench.errors import BenchError
 
 
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--no-report", action="store_true", help="skip writing DIR/report (tables, figures)")
     cluster = run.add_argument_group("cluster (submitit): one job per seed, then assembly from the shared cache")
-    cluster.add_argument("--executor", choices=["slurm", "local", "debug"], help="submit per-seed jobs")
+    cluster.add_argument("--executor", choices=EXECUTORS, help="submit per-seed jobs")
     cluster.add_argument("--partition", help="SLURM partition")
     cluster.add_argument("--timeout-min", type=int, default=240, help="per-job time limit (default 240)")
     cluster.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per job (default 1)")

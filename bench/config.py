@@ -20,7 +20,7 @@ TASK_VECTOR_METHODS = ("single_best", "average", "ties", "magmax", "negmerge")
 CLIP_METHODS = ("zeroshot", *TASK_VECTOR_METHODS, "gradient_ascent")
 
 
-BASELINE_PARAMS = {  # what each classic baseline reads from baseline_params
+BASELINE_PARAMS = {  # the classic baselines that train a model, and what each reads from baseline_params
     "ft": (),
     "ga": (),
     "rl": ("retain_fraction",),
@@ -205,7 +205,7 @@ class ClipSuite(Strict):
         return self
 
 
-CLASSIC_BASELINES = ("original", "retrain", "ft", "ga", "rl", "l1_sparse", "salun")
+CLASSIC_BASELINES = ("original", "retrain", *BASELINE_PARAMS)
 CLASSIC_METHODS = (*CLASSIC_BASELINES, *TASK_VECTOR_METHODS)
 
 
@@ -312,7 +312,6 @@ class ClassicSuite(Strict):
         require_known("baseline", value, BASELINE_PARAMS)
         for method, params in value.items():
             require_known(f"{method} parameter", params, BASELINE_PARAMS[method])
-        for method, params in value.items():
             fraction = params.get("retain_fraction", 1.0)
             if not 0.0 < fraction <= 1.0:
                 raise ValueError(f"baseline_params.{method}.retain_fraction must be in (0, 1], got {fraction}")
@@ -321,12 +320,12 @@ class ClassicSuite(Strict):
     @field_validator("baselines")
     @classmethod
     def _baselines_known(cls, value: dict[str, SgdGridCfg]) -> dict[str, SgdGridCfg]:
-        require_known("baseline", value, CLASSIC_BASELINES[2:])
+        require_known("baseline", value, BASELINE_PARAMS)
         return value
 
     @model_validator(mode="after")
     def _consistency(self) -> ClassicSuite:
-        missing = [m for m in ("ft", "ga", "rl", "l1_sparse", "salun") if m in self.methods and m not in self.baselines]
+        missing = [m for m in BASELINE_PARAMS if m in self.methods and m not in self.baselines]
         if missing:
             raise ValueError(f"method {missing[0]!r} needs settings under baselines.{missing[0]}")
         if not self.seeds:

@@ -4,6 +4,7 @@ with a cached pool is seconds, and any change to the inputs or to the evaluation
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -39,6 +40,7 @@ class EvalCache:
         return value
 
 
+@functools.cache  # one read per merge and process: vector_id runs for every merge, seed and ablation draw
 def merge_code_hash(method: str) -> str:
     """Hash of a merge's implementation (its module and the streaming engine), or "" for a name
     that is not a registered merge: editing a merge must not let stale cached evaluations through."""

@@ -123,9 +123,7 @@ def _map_file(path: Path) -> tuple[dict[str, Layout], mmap.mmap | None]:
     with open(path, "rb") as f:
         header_len = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(header_len))
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return {}, None
+        size = os.fstat(f.fileno()).st_size  # non-empty: safe_open has validated the file
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     data_start = 8 + header_len
     layout: dict[str, Layout] = {}
