@@ -48,7 +48,8 @@ class Backbone:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    preprocess: object  # PIL -> tensor transform (for datasets of PIL images)
+    preprocess: object  # PIL -> tensor evaluation transform (for datasets of PIL images)
+    train_preprocess: object = None  # open_clip's train transform (fine-tuning without RandAugment)
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -95,7 +96,7 @@ def load_backbone(name: str, pretrained: str | None = None, seed: int = 0) -> Ba
         _check_weights_available(name, pretrained)
     torch.manual_seed(seed)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
+        model, train_preprocess, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=None if is_local_dir else pretrained, weights_only=True
         )
     except Exception as exc:
@@ -111,7 +112,7 @@ def load_backbone(name: str, pretrained: str | None = None, seed: int = 0) -> Ba
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     tokenizer = open_clip.get_tokenizer(name)
-    return Backbone(name, pretrained, model, tokenizer, int(size), mean, std, preprocess)
+    return Backbone(name, pretrained, model, tokenizer, int(size), mean, std, preprocess, train_preprocess)
 
 
 def _check_weights_available(name: str, pretrained: str) -> None:

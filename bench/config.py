@@ -43,6 +43,13 @@ def _known_merges(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     return params
 
 
+def _check_points(make_points) -> None:
+    try:
+        make_points()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"invalid fine-tuning setting: {exc}") from None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -64,13 +71,30 @@ class PretrainCfg(Strict):
 
 
 class DataCfg(Strict):
+    """Where the data lives and how splits are made (docs/datasets.md has the per-dataset table)."""
+
     val_fraction: float = Field(0.1, gt=0, lt=1)
     val_max: int = Field(5000, gt=0)
     split_seed: int = 0
     train_limit: int | None = Field(None, gt=0)
     eval_limit: int | None = Field(None, gt=0)
-    root: str | None = None
+    root: str | None = None  # the paper's datasets: a clip-benchmark root, or a template with {dataset}
+    roots: dict[str, str] = {}  # per-dataset folder (overrides root; offline sets: their source folder)
+    layouts: dict[str, Literal["auto", "wds", "folder", "torchvision"]] = {}  # per dataset; default auto
     download: bool = False
+    workers: int = Field(0, ge=0)  # DataLoader processes decoding file-backed images (results do not change)
+
+    @field_validator("roots", "layouts")
+    @classmethod
+    def _known_datasets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from bench.data import DATASETS
+
+        require_known("dataset", value, DATASETS)
+        return value
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """What ``bench.data.load_task`` takes from this section."""
+        return self.model_dump(exclude={"workers"})
 
 
 class GridCfg(Strict):
@@ -91,6 +115,12 @@ class GridCfg(Strict):
         if not grid or any(len(v) == 0 for v in grid.values()):
             raise ValueError("the grid is empty: give at least one axis with at least one value")
         return grid
+
+    @model_validator(mode="after")
+    def _points_valid(self) -> GridCfg:
+        """Every candidate's settings checked now, not when its fine-tuning starts."""
+        _check_points(lambda: self.points(0))
+        return self
 
     def points(self, seed: int, dataset_base: dict[str, Any] | None = None) -> list[FinetuneParams]:
         """Grid points; ``dataset_base`` (per-dataset settings, e.g. the paper's epochs) sits between
@@ -186,6 +216,9 @@ class ClipSuite(Strict):
     @field_validator("finetune_per_dataset")
     @classmethod
     def _per_dataset_params(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from bench.data import DATASETS
+
+        require_known("dataset", value, DATASETS)
         for dataset, params in value.items():
             unknown = sorted(set(params) - PARAM_FIELDS)
             if unknown:
@@ -202,6 +235,8 @@ class ClipSuite(Strict):
             raise ValueError("method gradient_ascent needs a gradient_ascent grid")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        for dataset in self.forget:
+            _check_points(lambda dataset=dataset: self.finetune.points(0, self.finetune_per_dataset.get(dataset)))
         return self
 
 

@@ -1,7 +1,8 @@
 """Batched, no-grad evaluation: the hot path of a run (every lambda of every method).
 
-Images held as uint8 tensors are converted batch by batch; the classifier is built once and its
-weights swapped in place per lambda, so a grid point costs only the forward passes.
+Images held as uint8 tensors (in memory, or memory-mapped from the preprocessing cache for
+file-backed splits) are converted batch by batch; the classifier is built once and its weights
+swapped in place per lambda, so a grid point costs only the forward passes.
 """
 
 from __future__ import annotations
@@ -33,16 +34,11 @@ class Evaluator:
     @torch.no_grad()
     def logits(self, split: ImageSplit, head: torch.Tensor) -> torch.Tensor:
         clf = ZeroShotClassifier(self.visual, head, self.scale).eval()
+        if split.file_backed:
+            raise ValueError("file-backed split: decode it once with bench.data.prepare_eval before evaluating")
         outs = []
-        if split.images is not None:
-            for start in range(0, len(split), self.batch_size):
-                outs.append(clf(self.backbone.to_input(split.images[start : start + self.batch_size])))
-        else:
-            from torch.utils.data import DataLoader
-
-            split.dataset.transform = self.backbone.preprocess  # type: ignore[attr-defined]
-            for x, _ in DataLoader(split.dataset, batch_size=self.batch_size):
-                outs.append(clf(x))
+        for start in range(0, len(split), self.batch_size):
+            outs.append(clf(self.backbone.to_input(split.images[start : start + self.batch_size])))
         return torch.cat(outs)
 
 

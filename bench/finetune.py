@@ -3,6 +3,10 @@
 Defaults are the paper's: AdamW lr 1e-5, weight decay 0.1, linear warm-up then cosine, grad-norm
 clip 1.0, cross-entropy. ``direction=-1`` maximises the loss instead (gradient ascent unlearning).
 Every hyperparameter is a field of ``FinetuneParams`` so the grid is config, not code.
+
+``freeze: [attention]`` reproduces the authors' released code, which swaps every visual attention
+block for separate Q/K/V/O linears with ``requires_grad_(False)`` and hands AdamW only the parameters
+that require grad: the attention projections never move, so their task vectors are exactly zero.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
+from bench.data.transforms import file_batches, train_transform
 from bench.heads import ZeroShotClassifier
 
 
@@ -35,6 +40,36 @@ class FinetuneParams:
     randaug: str | None = None  # timm config string, e.g. "rand-m9-n2-mstd0.5"
     grad_clip: float = 1.0
     seed: int = 0
+    freeze: tuple[str, ...] = ()  # parameter groups kept at theta_0: "attention" (the released code)
+
+    def __post_init__(self) -> None:
+        """Refuse settings that would only fail (or silently misbehave) minutes into training."""
+        object.__setattr__(self, "freeze", tuple(self.freeze or ()))
+        checks = [
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.grad_clip > 0, f"grad_clip must be > 0, got {self.grad_clip}"),
+            (self.epochs is None or self.steps is None, "give one of epochs / steps, not both"),
+            (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        unknown = sorted(set(self.freeze) - set(FREEZE_GROUPS))
+        if unknown:
+            raise ValueError(f"freeze: unknown group {unknown[0]!r}; known: {', '.join(FREEZE_GROUPS)}")
+        if self.randaug:
+            from timm.data.auto_augment import rand_augment_transform
+
+            try:
+                rand_augment_transform(self.randaug, {})
+            except Exception as exc:
+                raise ValueError(f"randaug {self.randaug!r} is not a timm RandAugment string ({exc})") from None
 
     def total_steps(self, n_train: int) -> int:
         if self.steps is not None:
@@ -47,6 +82,21 @@ class FinetuneParams:
         default = FinetuneParams()
         parts = [f"{k}={v}" for k, v in asdict(self).items() if v != getattr(default, k)]
         return ",".join(parts) or "defaults"
+
+
+FREEZE_GROUPS = {"attention": "attn"}  # group -> module name whose parameters it freezes
+
+
+def frozen_names(visual: torch.nn.Module, groups: tuple[str, ...]) -> set[str]:
+    """Names of the encoder parameters that ``groups`` keep fixed."""
+    names = set()
+    for group in groups:
+        module = FREEZE_GROUPS[group]
+        found = {n for n, _ in visual.named_parameters() if module in n.split(".")}
+        if not found:
+            raise ValueError(f"freeze: {group!r} matches no parameter of this image encoder")
+        names |= found
+    return names
 
 
 class Diverged(RuntimeError):
@@ -75,17 +125,31 @@ def _augmenter(spec: str | None):
     return apply
 
 
-def _batches(split: ImageSplit, backbone: Backbone, batch_size: int, generator: torch.Generator, augment):
+def _batches(
+    split: ImageSplit,
+    backbone: Backbone,
+    params: FinetuneParams,
+    generator: torch.Generator,
+    *,
+    grayscale: bool,
+    workers: int,
+):
     """Endless shuffled batches of (model input, labels)."""
-    n = len(split)
-    if split.images is None:
-        from torch.utils.data import DataLoader
-
-        split.dataset.transform = backbone.preprocess  # type: ignore[attr-defined]
-        while True:
-            yield from DataLoader(
-                split.dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=True
-            )
+    if split.file_backed:
+        transform = train_transform(
+            backbone.image_size,
+            backbone.mean,
+            backbone.std,
+            params.randaug,
+            grayscale,
+            backbone.train_preprocess or backbone.preprocess,
+        )
+        yield from file_batches(
+            split.files, split.labels, transform, batch_size=params.batch_size, seed=params.seed, workers=workers
+        )
+        return
+    augment = _augmenter(params.randaug)
+    n, batch_size = len(split), params.batch_size
     while True:
         order = torch.randperm(n, generator=generator)
         for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
@@ -119,16 +183,26 @@ def finetune(
     direction: int = 1,
     desc: str = "fine-tune",
     progress: bool = True,
+    grayscale: bool = False,
+    workers: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Train a copy of the image encoder; return its final state dict (theta_0 is left untouched)."""
+    """Train a copy of the image encoder; return its final state dict (theta_0 is left untouched).
+
+    ``grayscale``: the split's images are 1-channel (file-backed splits only); ``workers``: DataLoader
+    processes decoding a file-backed split (results do not depend on it)."""
     import copy
 
     torch.manual_seed(params.seed)
     visual = copy.deepcopy(backbone.visual)
     visual.train()
+    frozen = frozen_names(visual, params.freeze)
+    for name, p in visual.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    trainable = [p for p in visual.parameters() if p.requires_grad]
     clf = ZeroShotClassifier(visual, head, backbone.model.logit_scale.exp().item())
-    decay = [p for p in visual.parameters() if p.ndim >= 2]
-    no_decay = [p for p in visual.parameters() if p.ndim < 2]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=params.lr,
@@ -144,7 +218,7 @@ def finetune(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(params.seed)
-    batches = _batches(split, backbone, params.batch_size, gen, _augmenter(params.randaug))
+    batches = _batches(split, backbone, params, gen, grayscale=grayscale, workers=workers)
     with _seeded_global_rngs(params.seed):
         bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
         for _ in bar:
@@ -155,10 +229,11 @@ def finetune(
                 if not torch.isfinite(loss):
                     raise Diverged(f"loss became {loss.item()} during {desc}")
                 (direction * loss / params.grad_accum).backward()
-            torch.nn.utils.clip_grad_norm_(visual.parameters(), params.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    batches.close()  # ends DataLoader workers now, not at garbage collection
     state = {k: v.detach().clone() for k, v in visual.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values() if torch.is_floating_point(v)):
         raise Diverged(f"weights became NaN/Inf during {desc}")

@@ -34,7 +34,9 @@ def pretrained_checkpoint(model_name: str, cfg: PretrainCfg, data: DataCfg, cach
     images, caption_ids, captions = [], [], []
     gen = torch.Generator().manual_seed(cfg.seed)
     for name, fraction in cfg.datasets.items():
-        task = load_task(name, val_fraction=data.val_fraction, val_max=data.val_max, split_seed=data.split_seed)
+        task = load_task(
+            name, val_fraction=data.val_fraction, val_max=data.val_max, split_seed=data.split_seed, roots=data.roots
+        )
         n = max(1, int(round(len(task.train) * fraction)))
         idx = torch.randperm(len(task.train), generator=gen)[:n]
         offset = len(captions)

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from baselines import get_merge
 from bench.backbones import Backbone, load_backbone, visual_state
 from bench.config import ClipSuite
-from bench.data import TaskData, load_task
+from bench.data import TaskData, load_task, prepare_eval
+from bench.data.preprocessed import PreprocessedCache
 from bench.evalcache import EvalCache, vector_id
 from bench.evaluate import Evaluator, per_sample_loss, top1, true_label_prob
 from bench.finetune import FinetuneParams, finetune
@@ -30,19 +31,6 @@ from bench.pretrain import pretrained_checkpoint
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
 from negmerge import apply, consensus_rate, task_vector
-
-
-def _data_kwargs(cfg: ClipSuite) -> dict[str, Any]:
-    d = cfg.data
-    return dict(
-        val_fraction=d.val_fraction,
-        val_max=d.val_max,
-        split_seed=d.split_seed,
-        train_limit=d.train_limit,
-        eval_limit=d.eval_limit,
-        root=d.root,
-        download=d.download,
-    )
 
 
 class ClipRun:
@@ -97,9 +85,9 @@ class ClipRun:
         metrics = {"forget_acc": forget_test, "control_acc": control_test}
         if self.cfg.mia.enabled:
             # members: the forget set's fine-tuning split; non-members: its test split (DESIGN.md §3).
-            member_logits = self.ev.logits(task.train, head)
+            member_logits = self.ev.logits(task.train_eval, head)
             nonmember_logits = self.ev.logits(task.test, head)
-            m_prob = true_label_prob(member_logits, task.train.labels)
+            m_prob = true_label_prob(member_logits, task.train_eval.labels)
             n_prob = true_label_prob(nonmember_logits, task.test.labels)
             order = torch.randperm(len(m_prob), generator=torch.Generator().manual_seed(seed))
             attack_half, target_half = order[: len(order) // 2], order[len(order) // 2 :]
@@ -120,7 +108,7 @@ class ClipRun:
             spec = {
                 "backbone": self.backbone_id,
                 "dataset": task.name,
-                "split": self.cfg.data.model_dump(),
+                "split": self.cfg.data.load_kwargs(),
                 "n_train": len(task.train),
                 "params": asdict(params),
                 "direction": direction,
@@ -129,7 +117,15 @@ class ClipRun:
             def make(params=params, i=i):
                 desc = f"{tag} {task.name} {i + 1}/{len(points)}"
                 ft = finetune(
-                    self.backbone, head, task.train, params, direction=direction, desc=desc, progress=self.cfg.progress
+                    self.backbone,
+                    head,
+                    task.train,
+                    params,
+                    direction=direction,
+                    desc=desc,
+                    progress=self.cfg.progress,
+                    grayscale=task.grayscale,
+                    workers=self.cfg.data.workers,
                 )
                 return task_vector(ft, self.theta0)
 
@@ -139,9 +135,21 @@ class ClipRun:
         return entries
 
     # -- main ------------------------------------------------------------------------------------
+    def _load_tasks(self) -> tuple[TaskData, dict[str, TaskData]]:
+        """Index every dataset first: a bad root or a split that cannot be made fails before any work."""
+        kwargs = self.cfg.data.load_kwargs()
+        with self.rec.timed("index datasets"):
+            control = load_task(self.cfg.control, **kwargs)
+            return control, {name: load_task(name, **kwargs) for name in self.cfg.forget}
+
+    def _prepare_eval(self, task: TaskData, members: bool) -> TaskData:
+        with self.rec.timed(f"preprocess {task.name}"):
+            return prepare_eval(task, self.backbone.preprocess, self.preprocessed, members=members)
+
     def run(self) -> RunRecorder:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
+        control, tasks = self._load_tasks()
         self.backbone = self._backbone()
         self.backbone_id = self.backbone.identity()
         self.theta0 = visual_state(self.backbone)
@@ -150,19 +158,21 @@ class ClipRun:
             self.cache / "evals",
             {
                 "backbone": self.backbone_id,
-                "data": cfg.data.model_dump(),
+                "data": cfg.data.load_kwargs(),
                 "control": cfg.control,
                 "mia": cfg.mia.model_dump(),
             },
             code_files=("evaluate.py", "heads.py", "protocol_clip.py"),
         )
         bname = f"{cfg.backbone.name}/{cfg.backbone.pretrained}"
-        control = load_task(cfg.control, **_data_kwargs(cfg))
+        self.preprocessed = PreprocessedCache(self.cache / "preprocessed", cfg.data.workers, cfg.progress)
+        control = self._prepare_eval(control, members=False)
+        tasks = {name: self._prepare_eval(task, members=cfg.mia.enabled) for name, task in tasks.items()}
         head_c = cached_head(self.backbone, self.backbone_id, control.classnames, control.templates, self.cache)
         floor = cfg.selection.floor
         for seed in cfg.seeds:
             for name in cfg.forget:
-                task = load_task(name, **_data_kwargs(cfg))
+                task = tasks[name]
                 head = cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache)
                 row = dict(backbone=bname, dataset=name, seed=seed)
                 with self.rec.timed(f"zero-shot {name}"):
@@ -254,6 +264,8 @@ class ClipRun:
                     with self.rec.timed(f"gradient ascent {name} seed {seed}"):
                         self._gradient_ascent(row, task, head, control, head_c, zs_control_val, seed)
         self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
+        if self.preprocessed.built:
+            self.rec.note(f"preprocessed {self.preprocessed.built} file-backed splits into the cache")
         self.rec.finish()
         return self.rec
 

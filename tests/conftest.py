@@ -1,5 +1,21 @@
 import os
+from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(int(os.environ.get("NEGMERGE_THREADS", "1")))
+
+
+@pytest.fixture(scope="session")
+def clip_cache(tmp_path_factory) -> Path:
+    """One cache for the Protocol A integration tests: the tiny backbone is pretrained once per session."""
+    return tmp_path_factory.mktemp("clip-cache")
+
+
+@pytest.fixture(scope="module")
+def module_env():
+    """Environment changes for module fixtures, undone when the module ends (NEGMERGE_CACHE must never
+    leak into later tests or, run alone, into the user's default cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp

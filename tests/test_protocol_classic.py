@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -36,10 +35,10 @@ def test_avg_gap_definition():
 
 
 @pytest.fixture(scope="module")
-def classic_run(tmp_path_factory):
+def classic_run(tmp_path_factory, module_env):
     cache = tmp_path_factory.mktemp("classic-cache")
     out = tmp_path_factory.mktemp("classic-run")
-    os.environ["NEGMERGE_CACHE"] = str(cache)
+    module_env.setenv("NEGMERGE_CACHE", str(cache))
     assert main(["run", "mini-classic-tiny", "--out", str(out)]) == 0
     return out
 

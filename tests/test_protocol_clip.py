@@ -21,14 +21,14 @@ ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(clip_cache, module_env) -> Path:
+    module_env.setenv("NEGMERGE_CACHE", str(clip_cache))
+    return clip_cache
 
 
 @pytest.fixture(scope="module")
 def tiny_run(cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    os.environ["NEGMERGE_CACHE"] = str(cache)
     assert main(["run", "mini-clip-tiny", "--out", str(out)]) == 0
     return out
 

@@ -1,5 +1,5 @@
-"""Datasets: one registry for offline sources and real (clip-benchmark) datasets."""
+"""Datasets: one registry for offline sources and the paper's datasets (local clip-benchmark layouts)."""
 
-from bench.data.registry import DATASETS, TaskData, load_task
+from bench.data.registry import DATASETS, ImageSplit, TaskData, load_task, prepare_eval
 
-__all__ = ["DATASETS", "TaskData", "load_task"]
+__all__ = ["DATASETS", "ImageSplit", "TaskData", "load_task", "prepare_eval"]
