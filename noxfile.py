@@ -59,7 +59,8 @@ def regression(session: nox.Session) -> None:
 
 @nox.session
 def perf(session: nox.Session) -> None:
-    """Speed and memory benchmarks (pytest-benchmark): merge streaming vs naive at ViT-B-32 scale."""
+    """Speed and memory benchmarks (pytest-benchmark): merge streaming vs naive at ViT-B-32 scale, and lambda
+    sweeps over file-backed vs in-memory splits."""
     session.run(
         "python",
         "-m",

@@ -84,7 +84,9 @@ def test_report_and_regress_on_the_run(classic_run, tmp_path):
         (degraded / name).write_bytes((classic_run / name).read_bytes())
     results = pd.read_csv(classic_run / "results.csv")
     hit = (results.method == "negmerge") & (results.metric == "avg_gap") & (results.split == "test")
-    results.loc[hit, "value"] += 10.0
+    # beyond regress's tolerance, max(2 points, 3 x seed std), whatever this machine's seed noise is
+    tolerance = max(2.0, 3.0 * results.loc[hit, "value"].std())
+    results.loc[hit, "value"] += tolerance + 1.0
     results.to_csv(degraded / "results.csv", index=False)
     assert main(["regress", str(degraded), "--against", str(classic_run)]) == 1
 
