@@ -20,21 +20,17 @@ def cache_dir() -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     if os.environ.get("NEGMERGE_ALLOW_DOWNLOAD") != "1":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # fail fast on missing weights, no network timeouts
-    from bench.config import ClipSuite, load_suite
+    from bench.config import load_suite
+    from bench.runner import run_suite
 
     cfg = load_suite(args.suite, args.set)  # validated here, before anything is submitted
     out = Path(args.out or Path("runs") / cfg.name)
-    if args.executor and not _run_on_cluster(args, cfg.seeds, out):
+    if out.exists() and not out.is_dir():
+        raise BenchError(f"--out: {out} is a file; give a folder for the run's outputs")
+    if args.executor and not _run_on_cluster(args, cfg, out):
         return 0  # submitted with --no-wait
     print(f"[negmerge-bench] suite {cfg.name} -> {out} (cache {cache_dir()})", file=sys.stderr)
-    if isinstance(cfg, ClipSuite):
-        from bench.protocol_clip import ClipRun
-
-        rec = ClipRun(cfg, out, cache_dir()).run()
-    else:
-        from bench.protocol_classic import ClassicRun
-
-        rec = ClassicRun(cfg, out, cache_dir()).run()
+    rec = run_suite(cfg, out, cache_dir())
     print(f"wrote {out / 'results.csv'}, {out / 'curves.csv'}, {out / 'manifest.json'}", file=sys.stderr)
     if not args.no_report:
         from bench.report import build_report
@@ -47,9 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_on_cluster(args: argparse.Namespace, seeds: list[int], out: Path) -> bool:
-    """Fill the shared cache with one job per seed; True when the local assembly should follow."""
-    from bench.cluster import ClusterOptions, submit_seeds
+def _run_on_cluster(args: argparse.Namespace, cfg, out: Path) -> bool:
+    """Fill the shared cache with one job per work unit; True when the local assembly should follow."""
+    from bench.cluster import ClusterOptions, submit_units
+    from bench.units import describe_plan, plan_units
 
     opts = ClusterOptions(
         executor=args.executor,
@@ -58,18 +55,46 @@ def _run_on_cluster(args: argparse.Namespace, seeds: list[int], out: Path) -> bo
         gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task,
         mem_gb=args.mem_gb,
+        array_parallelism=args.array_parallelism,
+        units_per_job=args.units_per_job,
     )
-    jobs = submit_seeds(args.suite, args.set, seeds, out, cache_dir(), opts)
-    print(f"[negmerge-bench] submitted {len(jobs)} jobs: {', '.join(str(j.job_id) for j in jobs)}", file=sys.stderr)
+    phases = plan_units(cfg)
+    print(f"[negmerge-bench] {describe_plan(phases)}", file=sys.stderr)
+    jobs = submit_units(args.suite, args.set, phases, out, cache_dir(), opts, wait=not args.no_wait)
+    print(f"[negmerge-bench] {len(jobs)} jobs; logs in {out}/cluster-logs", file=sys.stderr)
     if args.no_wait:
         print(
-            f"when they finish, assemble with the same command without --executor (all cached): logs in {out}/cluster-logs"
+            f"follow with `negmerge-bench status {out}`; when done, assemble with the same command without --executor"
         )
         return False
-    for job in jobs:
-        job.result()  # raises with the job's traceback if it failed
-    print("[negmerge-bench] every seed finished; assembling from the cache", file=sys.stderr)
+    print("[negmerge-bench] every unit finished; assembling from the cache", file=sys.stderr)
     return True
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """A run folder: each unit's state and log. A suite: the units a cluster run would submit."""
+    import pandas as pd
+
+    from bench.cluster import unit_status
+
+    target = Path(args.run_or_suite)
+    if not (target / "units" / "plan.json").is_file():
+        from bench.config import load_suite
+        from bench.units import describe_plan, plan_units
+
+        if target.is_dir():
+            raise BenchError(f"{target}: no units/plan.json; status reads a run submitted with --executor, or a suite")
+        cfg = load_suite(args.run_or_suite, args.set)
+        print(f"{cfg.name}: work units of a cluster run (one job each with --units-per-job 1)")
+        print(describe_plan(plan_units(cfg)))
+        return 0
+    rows = pd.DataFrame(unit_status(target))
+    counts = rows.state.value_counts()
+    print(", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "running", "failed", "killed", "missing")))
+    shown = rows if args.all else rows[rows.state != "done"]
+    if not shown.empty:
+        print(shown.to_markdown(index=False))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -131,14 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/SUITE)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--no-report", action="store_true", help="skip writing DIR/report (tables, figures)")
-    cluster = run.add_argument_group("cluster (submitit): one job per seed, then assembly from the shared cache")
+    cluster = run.add_argument_group("cluster (submitit): one job per work unit, then assembly from the shared cache")
     cluster.add_argument("--executor", choices=EXECUTORS, help="submit per-seed jobs")
     cluster.add_argument("--partition", help="SLURM partition")
     cluster.add_argument("--timeout-min", type=int, default=240, help="per-job time limit (default 240)")
     cluster.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per job (default 1)")
     cluster.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per job (default 8)")
     cluster.add_argument("--mem-gb", type=float, help="memory per job in GB")
-    cluster.add_argument("--no-wait", action="store_true", help="submit and return; assemble later")
+    cluster.add_argument("--array-parallelism", type=int, help="at most this many jobs of an array at once")
+    cluster.add_argument("--units-per-job", type=int, default=1, help="pack several small units into one job")
+    cluster.add_argument("--no-wait", action="store_true", help="submit and return (SLURM); assemble later")
     run.set_defaults(fn=cmd_run)
     rep = sub.add_parser("report", help="LaTeX tables, figures and a summary from a run's files")
     rep.add_argument("run_dir")
@@ -150,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--sigmas", type=float, default=3.0, help="tolerance in reference seed std units (default 3)")
     reg.add_argument("--all", action="store_true", help="print every checked metric, not only those that moved")
     reg.set_defaults(fn=cmd_regress)
+    st = sub.add_parser("status", help="a cluster run's units (done/running/failed/missing), or a suite's job layout")
+    st.add_argument("run_or_suite")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite field")
+    st.add_argument("--all", action="store_true", help="list finished units too")
+    st.set_defaults(fn=cmd_status)
     lst = sub.add_parser("list", help="list suites, methods, datasets or backbones")
     lst.add_argument("what", choices=["suites", "methods", "datasets", "backbones"])
     lst.set_defaults(fn=cmd_list)

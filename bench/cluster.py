@@ -1,21 +1,32 @@
-"""Run a suite on a cluster (SLURM through submitit): one job per seed, then a local assembly.
+"""Run a suite on a cluster (SLURM through submitit): one job per work unit, then a local assembly.
 
 Why this shape: every expensive product of a run (backbones, candidate pools, Original/Retrain and
-baseline models, evaluations) lands in the content-addressed cache, keyed by what it depends on. So
-the per-seed jobs only have to fill the cache, in parallel; the final ``negmerge-bench run`` over all
-seeds then finds everything cached and writes the one results.csv / manifest / report in seconds,
-exactly as a single-machine run would. A job that is preempted or times out is resubmitted and
-resumes from the cache. The cache and the log folder must be on a filesystem the nodes share.
+baseline models, evaluations) lands in the content-addressed cache, keyed by what it depends on and
+computed under a per-entry lock. So the jobs only fill the cache, in parallel, one unit each
+(``bench.units``: a fine-tune, a trained model, a sweep); then the ordinary ``run`` over the whole
+suite finds everything cached and writes the one results.csv / manifest / report, exactly as a
+single-machine run would. Phases are job arrays; on SLURM each waits for the one before
+(``--dependency=afterany``: a unit whose dependency failed computes it itself). A preempted or
+timed-out job is requeued and resumes from the cache. The cache and the run folder must be on a
+filesystem the nodes share.
+
+Each unit leaves ``RUN_DIR/units/LABEL/state.json`` (running / done / failed, host, pid, job id), which
+``negmerge-bench status RUN_DIR`` reads.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.errors import BenchError
+from bench.io import write_json_atomic
+from bench.units import Unit
 
 EXECUTORS = ("slurm", "local", "debug")
 
@@ -28,25 +39,57 @@ class ClusterOptions:
     gpus_per_node: int = 1
     cpus_per_task: int = 8
     mem_gb: float | None = None
+    array_parallelism: int | None = None  # at most this many jobs of an array at once (default: all)
+    units_per_job: int = 1  # pack several small units into one job, run one after the other
     extra: dict[str, Any] = field(default_factory=dict)  # more slurm_* parameters, e.g. {"slurm_account": "x"}
 
 
-class SeedJob:
-    """One seed of a suite, as a submitit job: fills the shared cache; checkpointable by requeueing."""
+def unit_dir(run_dir: Path, unit: Unit) -> Path:
+    return Path(run_dir) / "units" / unit.label
 
-    def __init__(self, suite: str, overrides: list[str], seed: int, out: Path, cache: Path) -> None:
-        self.suite, self.overrides, self.seed, self.out, self.cache = suite, overrides, seed, Path(out), Path(cache)
 
-    def __call__(self) -> str:
-        from bench.cli import main
+def write_state(run_dir: Path, unit: Unit, state: str, **extra: Any) -> None:
+    job_id = None
+    try:
+        import submitit
+
+        job_id = submitit.JobEnvironment().job_id
+    except Exception:  # not inside a submitit job (debug executor, tests)
+        pass
+    record = {
+        "unit": unit.to_dict(),
+        "state": state,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "job_id": job_id,
+        "updated": time.time(),
+        **extra,
+    }
+    write_json_atomic(unit_dir(run_dir, unit) / "state.json", record)
+
+
+class UnitJob:
+    """Units of a suite, as one submitit job: fills the shared cache; checkpointable by requeueing."""
+
+    def __init__(self, suite: str, overrides: list[str], units: list[Unit], run_dir: Path, cache: Path) -> None:
+        self.suite, self.overrides, self.units = suite, overrides, units
+        self.run_dir, self.cache = Path(run_dir), Path(cache)
+
+    def __call__(self) -> list[str]:
+        from bench.config import load_suite
+        from bench.runner import run_suite
 
         os.environ["NEGMERGE_CACHE"] = str(self.cache)  # the shared cache, whatever the node's default
-        argv = ["run", self.suite, "--out", str(self.out), "--no-report"]
-        for assignment in [*self.overrides, f"seeds=[{self.seed}]"]:  # last: the job's seed wins
-            argv += ["--set", assignment]
-        if main(argv) != 0:
-            raise BenchError(f"seed {self.seed} of {self.suite} failed; see this job's log")
-        return str(self.out)
+        cfg = load_suite(self.suite, self.overrides)
+        for unit in self.units:
+            write_state(self.run_dir, unit, "running")
+            try:
+                run_suite(cfg, unit_dir(self.run_dir, unit), self.cache, unit)
+            except BaseException as exc:
+                write_state(self.run_dir, unit, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
+                raise
+            write_state(self.run_dir, unit, "done")
+        return [u.label for u in self.units]
 
     def checkpoint(self) -> Any:
         """Preempted or out of time: requeue the same job; it resumes from the cache."""
@@ -55,8 +98,18 @@ class SeedJob:
         return submitit.helpers.DelayedSubmission(self)
 
 
-def submit_seeds(suite: str, overrides: list[str], seeds: list[int], out: Path, cache: Path, opts: ClusterOptions):
-    """Submit one SeedJob per seed as a job array; returns the submitit jobs."""
+def write_plan(run_dir: Path, suite: str, overrides: list[str], phases: list[list[Unit]]) -> None:
+    plan = {"suite": suite, "overrides": overrides, "phases": [[u.to_dict() for u in p] for p in phases]}
+    write_json_atomic(Path(run_dir) / "units" / "plan.json", plan)
+
+
+def submit_units(
+    suite: str, overrides: list[str], phases: list[list[Unit]], out: Path, cache: Path, opts: ClusterOptions, wait: bool
+) -> list[Any]:
+    """Submit every phase as a job array (one job per ``units_per_job`` units); returns all jobs.
+
+    SLURM: each phase depends on the one before (afterany), so everything is submitted at once and
+    ``wait=False`` may return at once. Other executors run here: each phase is waited for."""
     try:
         import submitit
     except ImportError as exc:
@@ -65,22 +118,80 @@ def submit_seeds(suite: str, overrides: list[str], seeds: list[int], out: Path, 
         raise BenchError(f"--executor: unknown executor {opts.executor!r}; known: {', '.join(EXECUTORS)}")
     if opts.executor == "slurm" and not opts.partition:
         raise BenchError("--partition: SLURM jobs need a partition, e.g. --partition gpu")
-    executor = submitit.AutoExecutor(folder=str(out / "cluster-logs" / "%j"), cluster=opts.executor)
-    params: dict[str, Any] = {
+    if opts.executor != "slurm" and not wait:
+        raise BenchError("--no-wait: only SLURM jobs outlive this command; drop --no-wait for --executor local/debug")
+    if opts.units_per_job < 1:
+        raise BenchError(f"--units-per-job must be >= 1, got {opts.units_per_job}")
+    write_plan(out, suite, overrides, phases)
+    executor = submitit.AutoExecutor(folder=str(Path(out) / "cluster-logs" / "%j"), cluster=opts.executor)
+    base: dict[str, Any] = {
         "name": f"negmerge-{Path(suite).stem}",
         "timeout_min": opts.timeout_min,
         "gpus_per_node": opts.gpus_per_node,
         "cpus_per_task": opts.cpus_per_task,
-        "slurm_array_parallelism": len(seeds),
         **opts.extra,
     }
     if opts.partition:
-        params["slurm_partition"] = opts.partition
+        base["slurm_partition"] = opts.partition
     if opts.mem_gb:
-        params["mem_gb"] = opts.mem_gb
-    executor.update_parameters(**params)
-    jobs = []
-    with executor.batch():
-        for seed in seeds:
-            jobs.append(executor.submit(SeedJob(suite, overrides, seed, out / "seeds" / f"seed{seed}", cache)))
+        base["mem_gb"] = opts.mem_gb
+    jobs: list[Any] = []
+    previous: list[Any] = []
+    for phase in phases:
+        groups = [phase[i : i + opts.units_per_job] for i in range(0, len(phase), opts.units_per_job)]
+        params = dict(base, slurm_array_parallelism=opts.array_parallelism or len(groups))
+        if previous and opts.executor == "slurm":
+            ids = sorted({str(j.job_id).split("_")[0] for j in previous})
+            extra = dict(base.get("slurm_additional_parameters", {}), dependency="afterany:" + ":".join(ids))
+            params["slurm_additional_parameters"] = extra
+        elif previous:
+            _wait(previous)
+        executor.update_parameters(**params)
+        with executor.batch():
+            submitted = [executor.submit(UnitJob(suite, overrides, g, out, cache)) for g in groups]
+        jobs += submitted
+        previous = submitted
+    if wait:
+        _wait(previous if opts.executor == "slurm" else jobs)
     return jobs
+
+
+def _wait(jobs: list[Any]) -> None:
+    for job in jobs:
+        job.result()  # raises with the job's traceback if it failed
+
+
+# -- status --------------------------------------------------------------------------------------------
+
+
+def unit_status(run_dir: Path) -> list[dict[str, Any]]:
+    """Every planned unit with its state: done, running, failed, killed (its process is gone), missing."""
+    plan_file = Path(run_dir) / "units" / "plan.json"
+    if not plan_file.is_file():
+        raise BenchError(f"{run_dir}: no units/plan.json; status reads a run submitted with --executor")
+    plan = json.loads(plan_file.read_text())
+    rows = []
+    for phase_no, phase in enumerate(plan["phases"], start=1):
+        for d in phase:
+            unit = Unit.from_dict(d)
+            state_file = unit_dir(run_dir, unit) / "state.json"
+            row = {"phase": phase_no, "unit": unit.label, "state": "missing", "job": "", "log": ""}
+            if state_file.is_file():
+                s = json.loads(state_file.read_text())
+                row.update(state=s["state"], job=s.get("job_id") or "", error=s.get("error", ""))
+                if s.get("job_id"):
+                    row["log"] = str(Path(run_dir) / "cluster-logs" / str(s["job_id"]))
+                if s["state"] == "running" and s["host"] == socket.gethostname() and not _alive(s["pid"]):
+                    row["state"] = "killed"
+            rows.append(row)
+    return rows
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.io import write_json_atomic
+from bench.locks import locked_compute
 
 
 def code_hash(files: tuple[str, ...]) -> str:
@@ -31,12 +32,20 @@ class EvalCache:
     def get_or_compute(self, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
         blob = json.dumps({"ctx": self.context, "what": what, "code": self.code}, sort_keys=True, default=str)
         path = self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
-        if path.is_file():
+
+        def lookup() -> tuple[Any] | None:
+            return (json.loads(path.read_text())["value"],) if path.is_file() else None
+
+        def fresh() -> tuple[Any]:
+            value = compute()
+            write_json_atomic(path, {"what": what, "value": value})
+            return (value,)
+
+        (value,), computed = locked_compute(path, lookup, fresh)
+        if computed:
+            self.misses += 1
+        else:
             self.hits += 1
-            return json.loads(path.read_text())["value"]
-        self.misses += 1
-        value = compute()
-        write_json_atomic(path, {"what": what, "value": value})
         return value
 
 

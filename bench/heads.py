@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from bench.backbones import Backbone
+from bench.locks import locked_compute
 from negmerge import save_state
 
 
@@ -31,11 +32,13 @@ def cached_head(
 ) -> torch.Tensor:
     key = hashlib.sha256(json.dumps([backbone_id, classnames, templates]).encode()).hexdigest()[:16]
     path = cache / "heads" / f"{key}.safetensors"
-    if path.is_file():
-        return load_file(path)["head"]
-    head = build_head(backbone, classnames, templates)
-    save_state({"head": head}, path)
-    return head
+
+    def compute() -> torch.Tensor:
+        head = build_head(backbone, classnames, templates)
+        save_state({"head": head}, path)
+        return head
+
+    return locked_compute(path, lambda: load_file(path)["head"] if path.is_file() else None, compute)[0]
 
 
 class ZeroShotClassifier(torch.nn.Module):

@@ -5,6 +5,8 @@ hyperparameters, direction, fine-tuning code version), so a rerun recomputes not
 setting never reuses a stale vector, and an interrupted run resumes at the first missing candidate.
 Each entry is ``<key>.safetensors`` (the task vector) written before ``<key>.json`` (its record);
 only an entry with both counts as done. Diverged candidates are recorded as failed and skipped.
+Entries are computed under a per-entry lock (``bench.locks``): processes sharing the cache compute
+each candidate once, and every record says which process (host:pid) computed it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from bench.finetune import Diverged
 from bench.io import write_json_atomic
+from bench.locks import locked_compute, worker_id
 from negmerge import save_state
 
 
@@ -42,6 +45,7 @@ class PoolEntry:
     seconds: float
     cached: bool
     error: str = ""
+    computed_by: str = ""
 
 
 class CandidatePool:
@@ -57,20 +61,40 @@ class CandidatePool:
     def get_or_create(self, spec: dict[str, Any], make: Callable[[], dict[str, torch.Tensor]]) -> PoolEntry:
         key = self.key(spec)
         tensor_path, record_path = self.root / f"{key}.safetensors", self.root / f"{key}.json"
-        if record_path.is_file():
+
+        def lookup() -> PoolEntry | None:
+            if not record_path.is_file():
+                return None
             record = json.loads(record_path.read_text())
             if record["status"] == "failed" or tensor_path.is_file():
                 path = tensor_path if record["status"] == "ok" else None
-                return PoolEntry(key, spec, record["status"], path, record["seconds"], True, record.get("error", ""))
-        start = time.perf_counter()
-        try:
-            tau = make()
-        except Diverged as exc:
+                return PoolEntry(
+                    key,
+                    spec,
+                    record["status"],
+                    path,
+                    record["seconds"],
+                    True,
+                    record.get("error", ""),
+                    record.get("computed_by", ""),
+                )
+            return None
+
+        def compute() -> PoolEntry:
+            me = worker_id()
+            start = time.perf_counter()
+            try:
+                tau = make()
+            except Diverged as exc:
+                seconds = time.perf_counter() - start
+                warnings.warn(f"candidate {key} diverged and is excluded: {exc}", stacklevel=4)
+                record = {"spec": spec, "status": "failed", "seconds": seconds, "error": str(exc), "computed_by": me}
+                write_json_atomic(record_path, record)
+                return PoolEntry(key, spec, "failed", None, seconds, False, str(exc), me)
             seconds = time.perf_counter() - start
-            warnings.warn(f"candidate {key} diverged and is excluded: {exc}", stacklevel=2)
-            write_json_atomic(record_path, {"spec": spec, "status": "failed", "seconds": seconds, "error": str(exc)})
-            return PoolEntry(key, spec, "failed", None, seconds, False, str(exc))
-        seconds = time.perf_counter() - start
-        save_state(tau, tensor_path, metadata={"key": key})
-        write_json_atomic(record_path, {"spec": spec, "status": "ok", "seconds": seconds, "code_version": self.version})
-        return PoolEntry(key, spec, "ok", tensor_path, seconds, False)
+            save_state(tau, tensor_path, metadata={"key": key})
+            record = {"spec": spec, "status": "ok", "seconds": seconds, "code_version": self.version, "computed_by": me}
+            write_json_atomic(record_path, record)
+            return PoolEntry(key, spec, "ok", tensor_path, seconds, False, computed_by=me)
+
+        return locked_compute(record_path, lookup, compute)[0]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from bench.backbones import load_backbone
 from bench.config import DataCfg, PretrainCfg
 from bench.data import load_task
+from bench.locks import locked_compute
 from negmerge import save_state
 
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
@@ -27,8 +28,12 @@ def pretrained_checkpoint(model_name: str, cfg: PretrainCfg, data: DataCfg, cach
     spec = {"model": model_name, "pretrain": cfg.model_dump(), "split_seed": data.split_seed, "code": CODE_VERSION}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "backbones" / f"{model_name}-{key}.safetensors"
-    if path.is_file():
-        return path
+    return locked_compute(
+        path, lambda: path if path.is_file() else None, lambda: _pretrain(model_name, cfg, data, path, progress)
+    )[0]
+
+
+def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, progress: bool) -> Path:
     backbone = load_backbone(model_name, None, seed=cfg.seed)
     model = backbone.model
     images, caption_ids, captions = [], [], []

@@ -31,6 +31,7 @@ from bench.metrics import loss_attack_auc, mia_efficacy
 from bench.pool import CandidatePool, code_version
 from bench.results import RunRecorder
 from bench.selection import Selection, lambda_grid
+from bench.units import PRODUCE, Unit
 from negmerge import apply, consensus_rate
 
 METRICS = ("retain_acc", "forget_acc", "test_acc", "mia_efficacy")  # the four Avg. Gap is taken over
@@ -55,8 +56,10 @@ def _acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class ClassicRun:
-    def __init__(self, cfg: ClassicSuite, out: Path, cache: Path) -> None:
-        self.cfg, self.out, self.cache = cfg, Path(out), Path(cache)
+    """The whole suite, or one work unit of it (``bench.units``: a trained model, or a seed's family)."""
+
+    def __init__(self, cfg: ClassicSuite, out: Path, cache: Path, unit: Unit | None = None) -> None:
+        self.cfg, self.out, self.cache, self.unit = cfg, Path(out), Path(cache), unit
         self.rec = RunRecorder(self.out, cfg, selection_rule=cfg.selection.rule)
         version = code_version("classic_train.py")
         self.models = CandidatePool(self.cache / "classic-models", version)
@@ -211,56 +214,9 @@ class ClassicRun:
 
     # -- methods ---------------------------------------------------------------------------------
     def _baseline(self, row: dict, method: str, seed: int) -> None:
-        d, cfg = self.data, self.cfg
-        extra = cfg.baseline_params.get(method, {})
         candidates = []
-        for params in cfg.baselines[method].points(seed):
-            spec = {
-                "role": method,
-                "original": self.original_key,
-                "df": self.df_hash,
-                "params": params.__dict__,
-                "extra": extra,
-            }
-
-            def make(params=params):
-                model = self._model_from(self.original)
-                if method == "ft":
-                    train(model, d, d.train_x[self.dr], d.train_y[self.dr], params, desc="FT", progress=cfg.progress)
-                elif method == "ga":
-                    train(
-                        model,
-                        d,
-                        d.train_x[self.df],
-                        d.train_y[self.df],
-                        params,
-                        direction=-1,
-                        desc="GA",
-                        progress=cfg.progress,
-                    )
-                elif method == "l1_sparse":
-                    train(
-                        model,
-                        d,
-                        d.train_x[self.dr],
-                        d.train_y[self.dr],
-                        params,
-                        l1_alpha=extra.get("alpha", 5e-4),
-                        desc="l1-sparse",
-                        progress=cfg.progress,
-                    )
-                else:  # rl and salun: Df with random wrong labels, mixed with Dr (as SalUn does)
-                    x, y = self._random_label_set(seed, extra.get("retain_fraction", 1.0))
-                    mask = None
-                    if method == "salun":
-                        mask = saliency_mask(
-                            model, d, d.train_x[self.df], d.train_y[self.df], extra.get("sparsity", 0.5)
-                        )
-                    train(model, d, x, y, params, grad_mask=mask, desc=method, progress=cfg.progress)
-                return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-            entry = self.models.get_or_create(spec, make)
-            self.rec.pool_member(entry, method, params.label())
+        for params in self.cfg.baselines[method].points(seed):
+            entry = self._baseline_entry(method, params, seed)
             if entry.status != "ok":
                 continue
 
@@ -270,6 +226,56 @@ class ClassicRun:
             candidates.append(((entry.key, model_fn), self._evaluate(entry.key, model_fn, seed, full=False)))
         best, reason = self._select(candidates) if candidates else (None, f"every {method} setting diverged")
         self._record(row, method, candidates[best][0] if best is not None else None, None, reason, seed)
+
+    def _baseline_entry(self, method: str, params, seed: int):
+        """One setting of a training-based baseline, trained from the Original (cached)."""
+        d, cfg = self.data, self.cfg
+        extra = cfg.baseline_params.get(method, {})
+        spec = {
+            "role": method,
+            "original": self.original_key,
+            "df": self.df_hash,
+            "params": params.__dict__,
+            "extra": extra,
+        }
+
+        def make(params=params):
+            model = self._model_from(self.original)
+            if method == "ft":
+                train(model, d, d.train_x[self.dr], d.train_y[self.dr], params, desc="FT", progress=cfg.progress)
+            elif method == "ga":
+                train(
+                    model,
+                    d,
+                    d.train_x[self.df],
+                    d.train_y[self.df],
+                    params,
+                    direction=-1,
+                    desc="GA",
+                    progress=cfg.progress,
+                )
+            elif method == "l1_sparse":
+                train(
+                    model,
+                    d,
+                    d.train_x[self.dr],
+                    d.train_y[self.dr],
+                    params,
+                    l1_alpha=extra.get("alpha", 5e-4),
+                    desc="l1-sparse",
+                    progress=cfg.progress,
+                )
+            else:  # rl and salun: Df with random wrong labels, mixed with Dr (as SalUn does)
+                x, y = self._random_label_set(seed, extra.get("retain_fraction", 1.0))
+                mask = None
+                if method == "salun":
+                    mask = saliency_mask(model, d, d.train_x[self.df], d.train_y[self.df], extra.get("sparsity", 0.5))
+                train(model, d, x, y, params, grad_mask=mask, desc=method, progress=cfg.progress)
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        entry = self.models.get_or_create(spec, make)
+        self.rec.pool_member(entry, method, params.label())
+        return entry
 
     def _random_label_set(self, seed: int, retain_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Df relabelled with a random wrong class, plus a seeded ``retain_fraction`` of Dr with true labels.
@@ -286,32 +292,33 @@ class ClassicRun:
         keep_dr = self.dr[torch.randperm(len(self.dr), generator=gen)[:n_retain]]
         return torch.cat([d.train_x[self.df], d.train_x[keep_dr]]), torch.cat([wrong, d.train_y[keep_dr]])
 
-    def _task_vectors(self, row: dict, seed: int) -> None:
+    def _pool_entry(self, i: int, params):
+        """Candidate ``i`` of the pool: the Original fine-tuned on Df, as a task vector (cached)."""
         d, cfg = self.data, self.cfg
         param_names = {n for n, _ in self._new_model().named_parameters()}
-        entries = []
-        for i, params in enumerate(cfg.pool.points(seed)):
-            spec = {"original": self.original_key, "df": self.df_hash, "params": params.__dict__, "direction": 1}
+        spec = {"original": self.original_key, "df": self.df_hash, "params": params.__dict__, "direction": 1}
 
-            def make(params=params, i=i):
-                model = train(
-                    self._model_from(self.original),
-                    d,
-                    d.train_x[self.df],
-                    d.train_y[self.df],
-                    params,
-                    desc=f"candidate {i + 1}",
-                    progress=cfg.progress,
-                )
-                return {
-                    k: (v - self.original[k]).detach().clone()
-                    for k, v in model.state_dict().items()
-                    if k in param_names
-                }
+        def make():
+            model = train(
+                self._model_from(self.original),
+                d,
+                d.train_x[self.df],
+                d.train_y[self.df],
+                params,
+                desc=f"candidate {i + 1}",
+                progress=cfg.progress,
+            )
+            return {
+                k: (v - self.original[k]).detach().clone() for k, v in model.state_dict().items() if k in param_names
+            }
 
-            entry = self.pool.get_or_create(spec, make)
-            self.rec.pool_member(entry, "fine-tune", params.label())
-            entries.append(entry)
+        entry = self.pool.get_or_create(spec, make)
+        self.rec.pool_member(entry, "fine-tune", params.label())
+        return entry
+
+    def _task_vectors(self, row: dict, seed: int) -> None:
+        cfg = self.cfg
+        entries = [self._pool_entry(i, params) for i, params in enumerate(cfg.pool.points(seed))]
         ok = [e for e in entries if e.status == "ok"]
         vectors: dict[str, Any] = {}
         for method in cfg.methods:
@@ -373,7 +380,10 @@ class ClassicRun:
             download=cfg.data.download,
         )
         everything = torch.arange(len(d.train_y))
+        unit = self.unit
         for seed in cfg.seeds:
+            if unit is not None and unit.seed != seed:
+                continue
             row = dict(backbone=cfg.model.name, dataset=cfg.dataset, seed=seed)
             self.df = forget_indices(d, cfg.forget.mode, cfg.forget.fraction, cfg.forget.classes, seed)
             self.dr = everything[~torch.isin(everything, self.df)]
@@ -386,11 +396,20 @@ class ClassicRun:
             self.dr_small = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.selection.retain_size]]
             self.mia_members = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.mia.n_members]]
             self.mia_nonmembers = torch.randperm(len(d.test_y), generator=gen)[: cfg.mia.n_nonmembers]
+            if unit is not None and unit.kind == "retrain":
+                self._trained("retrain", self.dr, seed)
+                continue
             with self.rec.timed("original"):
                 self.original = self._trained("original", everything, seed if cfg.original_per_seed else 0)
                 self.original_key = _state_id(self.original)
-                original = (f"original:{self.original_key}", lambda: self._model_from(self.original))
-                self.original_val = self._evaluate(*original, seed, full=False)
+            if unit is not None and unit.kind in PRODUCE:  # one model, from the Original: no evaluation
+                if unit.kind == "baseline":
+                    self._baseline_entry(unit.method, cfg.baselines[unit.method].points(seed)[unit.index], seed)
+                elif unit.kind == "candidate":
+                    self._pool_entry(unit.index, cfg.pool.points(seed)[unit.index])
+                continue
+            original = (f"original:{self.original_key}", lambda: self._model_from(self.original))
+            self.original_val = self._evaluate(*original, seed, full=False)
             with self.rec.timed("retrain"):
                 retrain_state = self._trained("retrain", self.dr, seed)
                 retrain = (f"retrain:{_state_id(retrain_state)}", lambda: self._model_from(retrain_state))

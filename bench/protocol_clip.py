@@ -30,12 +30,15 @@ from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
+from bench.units import PRODUCE, Unit
 from negmerge import apply, consensus_rate, task_vector
 
 
 class ClipRun:
-    def __init__(self, cfg: ClipSuite, out: Path, cache: Path) -> None:
-        self.cfg, self.out, self.cache = cfg, Path(out), Path(cache)
+    """The whole suite, or one work unit of it (``bench.units``: a fine-tune or a sweep)."""
+
+    def __init__(self, cfg: ClipSuite, out: Path, cache: Path, unit: Unit | None = None) -> None:
+        self.cfg, self.out, self.cache, self.unit = cfg, Path(out), Path(cache), unit
         self.rec = RunRecorder(self.out, cfg)
         self.pool = CandidatePool(self.cache / "pool")
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
@@ -101,10 +104,13 @@ class ClipRun:
 
     # -- the pool --------------------------------------------------------------------------------
     def _candidates(
-        self, points: list[FinetuneParams], task: TaskData, head, direction: int, tag: str
+        self, points: list[FinetuneParams], task: TaskData, head, direction: int, tag: str, only: int | None = None
     ) -> list[PoolEntry]:
+        """The pool entries of ``points`` (fine-tuned now where missing); ``only``: just that one."""
         entries = []
         for i, params in enumerate(points):
+            if only is not None and i != only:
+                continue
             spec = {
                 "backbone": self.backbone_id,
                 "dataset": task.name,
@@ -135,16 +141,32 @@ class ClipRun:
         return entries
 
     # -- main ------------------------------------------------------------------------------------
-    def _load_tasks(self) -> tuple[TaskData, dict[str, TaskData]]:
-        """Index every dataset first: a bad root or a split that cannot be made fails before any work."""
+    def _load_tasks(self) -> tuple[TaskData | None, dict[str, TaskData]]:
+        """Index every dataset first: a bad root or a split that cannot be made fails before any work.
+        A unit loads only its own dataset (and the control, if it evaluates)."""
         kwargs = self.cfg.data.load_kwargs()
+        names = [self.unit.dataset] if self.unit else self.cfg.forget
         with self.rec.timed("index datasets"):
-            control = load_task(self.cfg.control, **kwargs)
-            return control, {name: load_task(name, **kwargs) for name in self.cfg.forget}
+            control = None if self._producing else load_task(self.cfg.control, **kwargs)
+            return control, {name: load_task(name, **kwargs) for name in names}
+
+    @property
+    def _producing(self) -> bool:
+        """This run is one unit that makes one pool entry (and evaluates nothing)."""
+        return self.unit is not None and self.unit.kind in PRODUCE
 
     def _prepare_eval(self, task: TaskData, members: bool) -> TaskData:
         with self.rec.timed(f"preprocess {task.name}"):
             return prepare_eval(task, self.backbone.preprocess, self.preprocessed, members=members)
+
+    def _produce(self, task: TaskData, head) -> None:
+        """A fine-tune or gradient-ascent unit: one candidate into the pool."""
+        unit = self.unit
+        if unit.kind == "finetune":
+            points = self.cfg.finetune.points(unit.seed, self.cfg.finetune_per_dataset.get(task.name))
+            self._candidates(points, task, head, +1, "fine-tune", only=unit.index)
+        else:
+            self._candidates(self.cfg.gradient_ascent.points(unit.seed), task, head, -1, "grad-ascent", only=unit.index)
 
     def run(self) -> RunRecorder:
         cfg = self.cfg
@@ -166,14 +188,20 @@ class ClipRun:
         )
         bname = f"{cfg.backbone.name}/{cfg.backbone.pretrained}"
         self.preprocessed = PreprocessedCache(self.cache / "preprocessed", cfg.data.workers, cfg.progress)
-        control = self._prepare_eval(control, members=False)
-        tasks = {name: self._prepare_eval(task, members=cfg.mia.enabled) for name, task in tasks.items()}
-        head_c = cached_head(self.backbone, self.backbone_id, control.classnames, control.templates, self.cache)
+        if not self._producing:
+            control = self._prepare_eval(control, members=False)
+            head_c = cached_head(self.backbone, self.backbone_id, control.classnames, control.templates, self.cache)
         floor = cfg.selection.floor
         for seed in cfg.seeds:
             for name in cfg.forget:
+                if self.unit is not None and (self.unit.seed, self.unit.dataset) != (seed, name):
+                    continue
                 task = tasks[name]
                 head = cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache)
+                if self._producing:
+                    self._produce(task, head)
+                    continue
+                task = self._prepare_eval(task, members=cfg.mia.enabled)
                 row = dict(backbone=bname, dataset=name, seed=seed)
                 with self.rec.timed(f"zero-shot {name}"):
                     zs_forget_val, zs_control_val = self.evals.get_or_compute(

@@ -158,6 +158,7 @@ class RunRecorder:
                 "status": entry.status,
                 "seconds": round(entry.seconds, 2),
                 "cached": entry.cached,
+                "computed_by": entry.computed_by,  # host:pid of the process that computed it
                 "error": entry.error,
                 "dataset": entry.spec.get("dataset"),
             }

@@ -19,3 +19,14 @@ def module_env():
     leak into later tests or, run alone, into the user's default cache)."""
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(clip_cache) -> Path:
+    """mini-clip-tiny's pretrained backbone in ``clip_cache/backbones`` (made once per session); copy
+    that folder into an empty cache to start a run cold in everything but pretraining."""
+    from bench.config import load_suite
+    from bench.pretrain import pretrained_checkpoint
+
+    cfg = load_suite("mini-clip-tiny")
+    return pretrained_checkpoint(cfg.backbone.name, cfg.pretrain, cfg.data, clip_cache, progress=False)

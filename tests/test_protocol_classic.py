@@ -93,15 +93,23 @@ def test_report_and_regress_on_the_run(classic_run, tmp_path):
 
 @pytest.mark.integration
 def test_cluster_path_fills_the_cache_per_seed_then_assembles_the_same_run(classic_run, tmp_path):
-    """`run --executor debug`: the submitit code path of a SLURM run, in process. One job per seed
-    runs against the shared cache (here the fixture's, so nothing is retrained), then the assembly
-    writes the same results as the single-machine run."""
+    """`run --executor debug`: the submitit code path of a SLURM run, in process. One job per work
+    unit (Original, Retrains, each baseline setting and pool candidate, then each seed's family) runs
+    against the shared cache (here the fixture's, so nothing is retrained), then the assembly writes
+    the same results as the single-machine run."""
     pytest.importorskip("submitit")
+    from bench.cluster import unit_status
+
     out = tmp_path / "cluster-run"
     assert main(["run", "mini-classic-tiny", "--out", str(out), "--executor", "debug", "--no-report"]) == 0
-    for seed in (0, 1):
-        per_seed = pd.read_csv(out / "seeds" / f"seed{seed}" / "results.csv")
-        assert set(per_seed.seed) == {seed}
+    states = unit_status(out)
+    kinds = [s["unit"].split("-")[0] for s in states]
+    # mini-classic-tiny: one Original, per seed a Retrain, 4 pool candidates and the family
+    assert kinds.count("original") == 1 and kinds.count("retrain") == 2 and kinds.count("family") == 2
+    assert kinds.count("candidate") == 2 * 4
+    assert {s["state"] for s in states} == {"done"}
+    family = pd.read_csv(out / "units" / "family-seed1" / "results.csv")
+    assert set(family.seed) == {1}
     cols = ["method", "seed", "split", "metric", "value"]
     assembled = pd.read_csv(out / "results.csv")[cols].sort_values(cols[:4]).reset_index(drop=True)
     single = pd.read_csv(classic_run / "results.csv")[cols].sort_values(cols[:4]).reset_index(drop=True)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bench.data.files import FileImages, TransformedImages, to_rgb
+from bench.locks import locked_compute
 
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
@@ -65,13 +66,14 @@ class PreprocessedCache:
         spec = {"images": files.key(), "transform": describe(transform), "code": CODE_VERSION}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         path = self.root / f"{key}.npy"
-        if not path.is_file():
-            self._build(path, files, labels, transform, desc)
-            self.built += 1
+        _, computed = locked_compute(
+            path, lambda: path if path.is_file() else None, lambda: self._build(path, files, labels, transform, desc)
+        )
+        self.built += computed
         # copy-on-write map: a writable tensor (no warning) whose writes never reach the file
         return torch.from_numpy(np.load(path, mmap_mode="c"))
 
-    def _build(self, path: Path, files: FileImages, labels: torch.Tensor, transform, desc: str) -> None:
+    def _build(self, path: Path, files: FileImages, labels: torch.Tensor, transform, desc: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         loader = DataLoader(
             TransformedImages(files, labels, transform),
@@ -93,6 +95,7 @@ class PreprocessedCache:
             out.flush()
             del out
             os.replace(tmp, path)
+            return path
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -1,0 +1,181 @@
+"""Scale-out: one job per work unit, a cache that many processes share (per-entry locks), status."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bench.cli import main
+from bench.cluster import unit_status, write_plan, write_state
+from bench.pool import CandidatePool
+from bench.units import Unit
+
+QUICK = ["--set", "forget=[sklearn-digits]"]  # one forget dataset: 4 candidates, 1 gradient ascent
+
+
+def _cold_cache(tiny_backbone: Path, path: Path) -> Path:
+    """An empty cache except the pretrained tiny backbone."""
+    shutil.copytree(tiny_backbone.parent, path / "backbones")
+    return path
+
+
+def _results(run: Path) -> pd.DataFrame:
+    return pd.read_csv(run / "results.csv")
+
+
+@pytest.mark.integration
+def test_local_executor_runs_one_job_per_unit_and_assembles_the_same_results(tiny_backbone, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("NEGMERGE_CACHE", str(_cold_cache(tiny_backbone, tmp_path / "single-cache")))
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "single"), "--no-report", *QUICK]) == 0
+
+    monkeypatch.setenv("NEGMERGE_CACHE", str(_cold_cache(tiny_backbone, tmp_path / "cluster-cache")))
+    out = tmp_path / "cluster"
+    argv = ["run", "mini-clip-tiny", "--out", str(out), "--no-report", "--executor", "local", *QUICK]
+    assert main([*argv, "--array-parallelism", "2"]) == 0
+    states = unit_status(out)
+    kinds = [s["unit"].split("-")[0] for s in states]
+    assert kinds.count("finetune") == 4 and kinds.count("grad") == 1 and kinds.count("sweep") == 1
+    assert {s["state"] for s in states} == {"done"}
+    jobs = [d for d in (out / "cluster-logs").iterdir() if d.is_dir() and d.name != "%j"]  # %j: submitit's own
+    assert len(jobs) == 4 + 1 + 1  # fine-tuning runs (gradient ascent included) + sweep units
+    # each candidate was fine-tuned by its own job, not by the sweep or the assembly
+    assembled = json.loads((out / "manifest.json").read_text())
+    assert all(p["cached"] for p in assembled["pool"])
+    computed_by = {p["computed_by"] for p in assembled["pool"]}
+    assert len(computed_by) == 5  # five processes, one per fine-tuning unit
+    pd.testing.assert_frame_equal(_results(out), _results(tmp_path / "single"))
+
+
+@pytest.mark.integration
+def test_two_concurrent_runs_share_an_empty_cache(tmp_path):
+    """Both finish; every pool entry (and the pretraining) is computed once between them."""
+    env = {**os.environ, "NEGMERGE_CACHE": str(tmp_path / "cache")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bench", "run", "mini-clip-tiny", "--out", str(tmp_path / name), "--no-report"]
+            + QUICK,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for name in ("a", "b")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    manifests = [json.loads((tmp_path / n / "manifest.json").read_text()) for n in ("a", "b")]
+    computed = [{p["key"] for p in m["pool"] if not p["cached"]} for m in manifests]
+    every = {p["key"] for p in manifests[0]["pool"]}
+    assert computed[0] | computed[1] == every and not computed[0] & computed[1]
+    pids = {str(p.pid) for p in procs}
+    assert {p["computed_by"].rsplit(":", 1)[1] for m in manifests for p in m["pool"]} <= pids
+    assert len(list((tmp_path / "cache" / "backbones").glob("*.safetensors"))) == 1
+    pd.testing.assert_frame_equal(_results(tmp_path / "a"), _results(tmp_path / "b"))
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    import bench.pool
+    from bench.pool import CandidatePool
+
+    root = Path(sys.argv[1])
+
+    def stuck_save(state, path, metadata=None):  # killed halfway through writing the tensor file
+        Path(str(path) + ".partial.tmp").write_bytes(b"\\0" * 64)
+        (root / "writing").touch()
+        time.sleep(600)
+
+    bench.pool.save_state = stuck_save
+    CandidatePool(root / "pool").get_or_create({"candidate": 1}, lambda: {"w": torch.ones(3)})
+    """
+)
+
+
+def test_sigkill_while_writing_leaves_no_corrupt_entry_and_no_stale_lock(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "writing").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (tmp_path / "writing").exists(), "the child never reached the write"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pool = CandidatePool(tmp_path / "pool")
+    assert not list((tmp_path / "pool").glob("*.json"))  # no record: the entry does not count as done
+    result: dict = {}
+    rerun = threading.Thread(
+        target=lambda: result.update(entry=pool.get_or_create({"candidate": 1}, lambda: {"w": torch.full((3,), 2.0)}))
+    )
+    rerun.start()
+    rerun.join(timeout=30)
+    assert not rerun.is_alive(), "the dead process's lock blocked the rerun"
+    entry = result["entry"]
+    assert entry.status == "ok" and not entry.cached
+    assert torch.equal(load_file(entry.path)["w"], torch.full((3,), 2.0))
+
+
+def test_a_waiting_process_gets_the_entry_computed_by_the_lock_holder(tmp_path):
+    """The second caller blocks on the lock, then finds the entry: computed once."""
+    pool = CandidatePool(tmp_path)
+    started, calls = threading.Event(), []
+
+    def slow():
+        calls.append("first")
+        started.set()
+        time.sleep(1.0)
+        return {"w": torch.ones(2)}
+
+    first = threading.Thread(target=lambda: pool.get_or_create({"k": 1}, slow))
+    first.start()
+    started.wait(10)
+    second = CandidatePool(tmp_path).get_or_create({"k": 1}, lambda: calls.append("second") or {"w": torch.zeros(2)})
+    first.join()
+    assert calls == ["first"] and second.cached and second.computed_by.endswith(f":{os.getpid()}")
+
+
+def test_status_names_done_running_killed_and_missing_units(tmp_path, capsys):
+    units = [Unit("finetune", 0, "mnist", index=i) for i in range(4)]
+    write_plan(tmp_path, "mini-clip-tiny", [], [units, [Unit("sweep", 0, "mnist")]])
+    write_state(tmp_path, units[0], "done")
+    write_state(tmp_path, units[1], "running")  # this process: alive
+    write_state(tmp_path, units[2], "failed", error="RuntimeError: boom")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    write_state(tmp_path, units[3], "running")
+    state_file = tmp_path / "units" / units[3].label / "state.json"
+    record = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**record, "pid": dead.pid}))
+    states = {s["unit"]: s["state"] for s in unit_status(tmp_path)}
+    assert list(states.values()) == ["done", "running", "failed", "killed", "missing"]
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "1 done, 1 running, 1 failed, 1 killed, 1 missing"
+    assert "RuntimeError: boom" in out
+
+
+def test_status_of_a_suite_prints_its_job_layout(capsys):
+    assert main(["status", "clip-vit-b32"]) == 0
+    out = capsys.readouterr().out
+    assert "phase 1: 312 units (240 finetune, 72 grad-ascent)" in out and "phase 2: 8 units (8 sweep)" in out
+
+
+def test_no_wait_needs_slurm(tmp_path, capsys):
+    pytest.importorskip("submitit")
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path), "--executor", "local", "--no-wait"]) == 2
+    assert "--no-wait: only SLURM jobs outlive this command" in capsys.readouterr().err
