@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bench.data.classic import ClassicData
+from bench.device import CPU, Runtime
 from bench.finetune import Diverged
 
 
@@ -41,7 +42,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
     x = padded[:, :, dy : dy + h, dx : dx + w]
-    flip = torch.rand(n, generator=gen) < 0.5
+    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -57,8 +58,10 @@ def train(
     grad_mask: Mapping[str, torch.Tensor] | None = None,
     desc: str = "train",
     progress: bool = True,
+    runtime: Runtime = CPU,
 ) -> nn.Module:
-    """Train ``model`` in place on (images, labels) and return it."""
+    """Train ``model`` in place on (images, labels) and return it (on the runtime's device)."""
+    model.to(runtime.device)
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     opt = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
@@ -79,10 +82,11 @@ def train(
             if step >= total:
                 break
             idx = order[start : start + params.batch_size]
-            x = data.to_input(images[idx])
+            x = data.to_input(runtime.to(images[idx]))
             if params.augment:
                 x = _augment(x, gen)
-            loss = F.cross_entropy(model(x), labels[idx], label_smoothing=params.label_smoothing)
+            with runtime.autocast():
+                loss = F.cross_entropy(model(x), runtime.to(labels[idx]), label_smoothing=params.label_smoothing)
             if not torch.isfinite(loss):
                 raise Diverged(f"loss became {loss.item()} during {desc}")
             objective = direction * loss
@@ -105,9 +109,17 @@ def train(
 
 
 @torch.no_grad()
-def logits_of(model: nn.Module, data: ClassicData, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+def logits_of(
+    model: nn.Module, data: ClassicData, images: torch.Tensor, batch_size: int = 1024, runtime: Runtime = CPU
+) -> torch.Tensor:
+    """float32 logits on the CPU (batches run on the model's device under the runtime's autocast)."""
     model.eval()
-    return torch.cat([model(data.to_input(images[s : s + batch_size])) for s in range(0, len(images), batch_size)])
+    outs = []
+    for s in range(0, len(images), batch_size):
+        with runtime.autocast():
+            out = model(data.to_input(runtime.to(images[s : s + batch_size])))
+        outs.append(out.float().cpu())
+    return torch.cat(outs)
 
 
 def saliency_mask(
@@ -117,17 +129,20 @@ def saliency_mask(
     labels: torch.Tensor,
     sparsity: float = 0.5,
     batch_size: int = 256,
+    runtime: Runtime = CPU,
 ) -> dict[str, torch.Tensor]:
     """SalUn: |gradient of the forget loss|, thresholded globally to keep the top (1 - sparsity) weights."""
     model.eval()
     grads = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for start in range(0, len(labels), batch_size):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(
-            model(data.to_input(images[start : start + batch_size])),
-            labels[start : start + batch_size],
-            reduction="sum",
-        ).backward()
+        with runtime.autocast():
+            loss = F.cross_entropy(
+                model(data.to_input(runtime.to(images[start : start + batch_size]))),
+                runtime.to(labels[start : start + batch_size]),
+                reduction="sum",
+            )
+        loss.backward()
         for name, p in model.named_parameters():
             if p.grad is not None:
                 grads[name] += p.grad.abs()

@@ -23,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import load_suite
     from bench.runner import run_suite
 
-    cfg = load_suite(args.suite, args.set)  # validated here, before anything is submitted
+    cfg = load_suite(args.suite, _runtime_overrides(args))  # validated here, before anything is submitted
     out = Path(args.out or Path("runs") / cfg.name)
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out: {out} is a file; give a folder for the run's outputs")
@@ -40,6 +40,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         for note in rec.notes:
             print(f"note: {note}")
+    return 0
+
+
+def _runtime_overrides(args: argparse.Namespace) -> list[str]:
+    """--device / --precision as the config overrides they are (after --set: the flags win)."""
+    extra = [f"device={args.device}"] if getattr(args, "device", None) else []
+    extra += [f"precision={args.precision}"] if getattr(args, "precision", None) else []
+    args.set = [*args.set, *extra]  # cluster jobs get the same overrides
+    return args.set
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from bench.config import load_suite
+    from bench.plan import make_plan
+
+    cfg = load_suite(args.suite, _runtime_overrides(args))
+    print(make_plan(cfg, args.images_per_second, args.measure))
     return 0
 
 
@@ -156,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/SUITE)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--no-report", action="store_true", help="skip writing DIR/report (tables, figures)")
+    _runtime_flags(run)
     cluster = run.add_argument_group("cluster (submitit): one job per work unit, then assembly from the shared cache")
     cluster.add_argument("--executor", choices=EXECUTORS, help="submit per-seed jobs")
     cluster.add_argument("--partition", help="SLURM partition")
@@ -177,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--sigmas", type=float, default=3.0, help="tolerance in reference seed std units (default 3)")
     reg.add_argument("--all", action="store_true", help="print every checked metric, not only those that moved")
     reg.set_defaults(fn=cmd_regress)
+    pl = sub.add_parser("plan", help="the work a suite implies, its FLOPs and an estimated time, before running it")
+    pl.add_argument("suite")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pl.add_argument("--images-per-second", type=float, help="forward images/s of your device (training: a third)")
+    pl.add_argument("--measure", action="store_true", help="measure eval and train images/s on this machine's device")
+    _runtime_flags(pl)
+    pl.set_defaults(fn=cmd_plan)
     st = sub.add_parser("status", help="a cluster run's units (done/running/failed/missing), or a suite's job layout")
     st.add_argument("run_or_suite")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite field")
@@ -186,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("what", choices=["suites", "methods", "datasets", "backbones"])
     lst.set_defaults(fn=cmd_list)
     return parser
+
+
+def _runtime_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision of forward passes")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,6 +54,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RuntimeFields(Strict):
+    """Where and how precisely every stage computes (bench.device); precision is part of cache keys."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N  (auto: CUDA when present)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes; fp32 master weights
+    compile: bool = False  # torch.compile the image encoder / classifier
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        from bench.device import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.match(value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    def runtime(self):
+        from bench.device import resolve_runtime
+
+        return resolve_runtime(self.device, self.precision, self.compile)
+
+
 class BackboneCfg(Strict):
     name: str
     pretrained: str | None = None  # open_clip tag, checkpoint file, "pretrain" (made by the suite) or None
@@ -160,7 +182,7 @@ class AblationCfg(Strict):
     seed: int = 0
 
 
-class ClipSuite(Strict):
+class ClipSuite(RuntimeFields):
     """Protocol A: CLIP task negation (DESIGN.md §1)."""
 
     protocol: Literal["clip"]
@@ -305,7 +327,7 @@ class ClassicMiaCfg(Strict):
     n_nonmembers: int = Field(2000, gt=1)  # test samples it trains on as non-members
 
 
-class ClassicSuite(Strict):
+class ClassicSuite(RuntimeFields):
     """Protocol B: random-data forgetting on standard classifiers, against Retrain (DESIGN.md §2)."""
 
     protocol: Literal["classic"]

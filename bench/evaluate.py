@@ -7,6 +7,7 @@ swapped in place per lambda, so a grid point costs only the forward passes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -14,31 +15,90 @@ import torch.nn.functional as F
 
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
-from bench.heads import ZeroShotClassifier
+from bench.device import CPU, Runtime
 
 
 class Evaluator:
-    """Owns one working copy of the image encoder; ``load`` swaps weights in, ``outputs`` runs it."""
+    """Owns one working copy of the image encoder on the run's device.
 
-    def __init__(self, backbone: Backbone, batch_size: int = 512) -> None:
+    ``load(state)`` copies weights in; ``load_edit(tau, coef)`` writes theta_0 + coef * tau straight
+    into the resident parameters (theta_0 and tau live on the device: no state-dict rebuild, no disk
+    read per lambda point; the same float32 ops as ``negmerge.apply``, so the same bits). uint8 splits
+    move to the device once and stay there; batches are converted there under the run's autocast.
+    """
+
+    def __init__(self, backbone: Backbone, batch_size: int = 512, runtime: Runtime = CPU) -> None:
         import copy
 
         self.backbone = backbone
-        self.visual = copy.deepcopy(backbone.visual).eval()
+        self.rt = runtime
+        self.visual = copy.deepcopy(backbone.visual).to(runtime.device).eval()
+        self.params = dict(self.visual.state_dict(keep_vars=True))
         self.scale = backbone.model.logit_scale.exp().item()
         self.batch_size = batch_size
+        self.forward = torch.compile(self.visual) if runtime.compile else self.visual
+        self._theta0: dict[str, torch.Tensor] | None = None
+        self._tau_source: Mapping[str, torch.Tensor] | None = None
+        self._tau_resident: dict[str, torch.Tensor] = {}
+        self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def set_base(self, theta0: Mapping[str, torch.Tensor]) -> None:
+        """theta_0, kept on the device for ``load_edit``."""
+        self._theta0 = {k: v.detach().to(self.rt.device, torch.float32) for k, v in theta0.items()}
+
+    @torch.no_grad()
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.visual.load_state_dict(state, strict=True)
+        if state.keys() != self.params.keys():
+            self.visual.load_state_dict(state, strict=True)  # names the missing / unexpected keys
+        for k, p in self.params.items():
+            p.copy_(state[k])
+
+    @torch.no_grad()
+    def load_edit(self, tau: Mapping[str, torch.Tensor], coef: float) -> None:
+        """Weights = theta_0 + coef * tau, in place (theta_0 from ``set_base``)."""
+        if self._theta0 is None:
+            raise RuntimeError("load_edit needs set_base(theta_0) first")
+        resident = self._resident_vector(tau)
+        for k, p in self.params.items():
+            base = self._theta0[k]
+            if k in resident:
+                torch.add(base, torch.mul(resident[k], float(coef)), out=p)
+            else:
+                p.copy_(base)
+
+    def _resident_vector(self, tau: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The task vector on the device, checked once (a sweep applies the same vector 20+ times)."""
+        if self._tau_source is not tau:
+            moved = {}
+            for k, v in tau.items():
+                d = v.detach().to(self.rt.device, torch.float32, non_blocking=True)
+                if not math.isfinite(d.sum().item()) and not torch.isfinite(d).all():
+                    raise ValueError(f"task vector: key {k!r} contains NaN or Inf")
+                moved[k] = d
+            self._tau_source, self._tau_resident = tau, moved
+        return self._tau_resident
+
+    def _on_device(self, split: ImageSplit) -> torch.Tensor:
+        if not self.rt.on_accelerator:
+            return split.images
+        key = id(split.images)
+        if key not in self._resident or self._resident[key][0] is not split.images:
+            self._resident[key] = (split.images, split.images.pin_memory().to(self.rt.device, non_blocking=True))
+        return self._resident[key][1]
 
     @torch.no_grad()
     def logits(self, split: ImageSplit, head: torch.Tensor) -> torch.Tensor:
-        clf = ZeroShotClassifier(self.visual, head, self.scale).eval()
+        """float32 logits on the CPU, whatever the device and precision."""
         if split.file_backed:
             raise ValueError("file-backed split: decode it once with bench.data.prepare_eval before evaluating")
+        images = self._on_device(split)
+        head = head.to(self.rt.device)
         outs = []
         for start in range(0, len(split), self.batch_size):
-            outs.append(clf(self.backbone.to_input(split.images[start : start + self.batch_size])))
+            x = self.backbone.to_input(images[start : start + self.batch_size])
+            with self.rt.autocast():
+                features = self.forward(x)
+            outs.append((self.scale * F.normalize(features.float(), dim=-1) @ head.T).cpu())
         return torch.cat(outs)
 
 

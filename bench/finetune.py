@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
 from bench.data.transforms import file_batches, train_transform
+from bench.device import CPU, Runtime
 from bench.heads import ZeroShotClassifier
 
 
@@ -133,8 +134,9 @@ def _batches(
     *,
     grayscale: bool,
     workers: int,
+    pin: bool = False,
 ):
-    """Endless shuffled batches of (model input, labels)."""
+    """Endless shuffled batches of (model input, labels), on the CPU (pinned for an accelerator)."""
     if split.file_backed:
         transform = train_transform(
             backbone.image_size,
@@ -145,7 +147,13 @@ def _batches(
             backbone.train_preprocess or backbone.preprocess,
         )
         yield from file_batches(
-            split.files, split.labels, transform, batch_size=params.batch_size, seed=params.seed, workers=workers
+            split.files,
+            split.labels,
+            transform,
+            batch_size=params.batch_size,
+            seed=params.seed,
+            workers=workers,
+            pin_memory=pin,
         )
         return
     augment = _augmenter(params.randaug)
@@ -185,22 +193,26 @@ def finetune(
     progress: bool = True,
     grayscale: bool = False,
     workers: int = 0,
+    runtime: Runtime = CPU,
 ) -> dict[str, torch.Tensor]:
-    """Train a copy of the image encoder; return its final state dict (theta_0 is left untouched).
+    """Train a copy of the image encoder; return its final state dict on the CPU (theta_0 is left untouched).
 
     ``grayscale``: the split's images are 1-channel (file-backed splits only); ``workers``: DataLoader
-    processes decoding a file-backed split (results do not depend on it)."""
+    processes decoding a file-backed split (results do not depend on it); ``runtime``: device and
+    precision (autocast forward passes, fp32 weights and optimiser state)."""
     import copy
 
     torch.manual_seed(params.seed)
-    visual = copy.deepcopy(backbone.visual)
+    visual = copy.deepcopy(backbone.visual).to(runtime.device)
     visual.train()
     frozen = frozen_names(visual, params.freeze)
     for name, p in visual.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
     trainable = [p for p in visual.parameters() if p.requires_grad]
-    clf = ZeroShotClassifier(visual, head, backbone.model.logit_scale.exp().item())
+    clf = ZeroShotClassifier(visual, runtime.to(head), backbone.model.logit_scale.exp().item())
+    forward = torch.compile(clf) if runtime.compile else clf
+    scaler = runtime.grad_scaler()
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -218,23 +230,28 @@ def finetune(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(params.seed)
-    batches = _batches(split, backbone, params, gen, grayscale=grayscale, workers=workers)
+    batches = _batches(split, backbone, params, gen, grayscale=grayscale, workers=workers, pin=runtime.on_accelerator)
     with _seeded_global_rngs(params.seed):
         bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
         for _ in bar:
             opt.zero_grad(set_to_none=True)
             for _ in range(params.grad_accum):
                 x, y = next(batches)
-                loss = F.cross_entropy(clf(x), y, label_smoothing=params.label_smoothing)
+                with runtime.autocast():
+                    loss = F.cross_entropy(
+                        forward(runtime.to(x)), runtime.to(y), label_smoothing=params.label_smoothing
+                    )
                 if not torch.isfinite(loss):
                     raise Diverged(f"loss became {loss.item()} during {desc}")
-                (direction * loss / params.grad_accum).backward()
+                scaler.scale(direction * loss / params.grad_accum).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     batches.close()  # ends DataLoader workers now, not at garbage collection
-    state = {k: v.detach().clone() for k, v in visual.state_dict().items()}
+    state = {k: v.detach().to("cpu", copy=True) for k, v in visual.state_dict().items()}
     if not all(torch.isfinite(v).all() for v in state.values() if torch.is_floating_point(v)):
         raise Diverged(f"weights became NaN/Inf during {desc}")
     return state

@@ -12,29 +12,45 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from bench.backbones import Backbone
+from bench.device import CPU, Runtime
 from bench.locks import locked_compute
 from negmerge import save_state
 
 
 @torch.no_grad()
-def build_head(backbone: Backbone, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    rows = []
-    for name in classnames:
-        texts = [t.replace("{c}", name) if "{c}" in t else t.format(name) for t in templates]
-        emb = backbone.model.encode_text(backbone.tokenizer(texts))
-        emb = F.normalize(emb, dim=-1).mean(0)
-        rows.append(F.normalize(emb, dim=-1))
+def build_head(backbone: Backbone, classnames: list[str], templates: list[str], runtime: Runtime = CPU) -> torch.Tensor:
+    """float32 head on the CPU; the text tower runs on the run's device (ImageNet: 1,000 classes x 80
+    templates) and is moved back afterwards."""
+    model = backbone.model.to(runtime.device)
+    try:
+        rows = []
+        for name in classnames:
+            texts = [t.replace("{c}", name) if "{c}" in t else t.format(name) for t in templates]
+            with runtime.autocast():
+                emb = model.encode_text(runtime.to(backbone.tokenizer(texts)))
+            emb = F.normalize(emb.float(), dim=-1).mean(0)
+            rows.append(F.normalize(emb, dim=-1).cpu())
+    finally:
+        backbone.model.to("cpu")
     return torch.stack(rows)
 
 
 def cached_head(
-    backbone: Backbone, backbone_id: str, classnames: list[str], templates: list[str], cache: Path
+    backbone: Backbone,
+    backbone_id: str,
+    classnames: list[str],
+    templates: list[str],
+    cache: Path,
+    runtime: Runtime = CPU,
 ) -> torch.Tensor:
-    key = hashlib.sha256(json.dumps([backbone_id, classnames, templates]).encode()).hexdigest()[:16]
+    key_parts = [backbone_id, classnames, templates]
+    if runtime.precision != "fp32":
+        key_parts.append(runtime.precision)  # fp32 keys stay what they were: the same bits as before
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     path = cache / "heads" / f"{key}.safetensors"
 
     def compute() -> torch.Tensor:
-        head = build_head(backbone, classnames, templates)
+        head = build_head(backbone, classnames, templates, runtime)
         save_state({"head": head}, path)
         return head
 

@@ -17,25 +17,32 @@ from tqdm.auto import tqdm
 from bench.backbones import load_backbone
 from bench.config import DataCfg, PretrainCfg
 from bench.data import load_task
+from bench.device import CPU, Runtime
 from bench.locks import locked_compute
 from negmerge import save_state
 
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
-def pretrained_checkpoint(model_name: str, cfg: PretrainCfg, data: DataCfg, cache: Path, progress: bool = True) -> Path:
+def pretrained_checkpoint(
+    model_name: str, cfg: PretrainCfg, data: DataCfg, cache: Path, progress: bool = True, runtime: Runtime = CPU
+) -> Path:
     """Path of the pretrained checkpoint, training it first if it is not cached."""
     spec = {"model": model_name, "pretrain": cfg.model_dump(), "split_seed": data.split_seed, "code": CODE_VERSION}
+    if runtime.precision != "fp32":
+        spec["precision"] = runtime.precision  # fp32 keeps its key: the same bits as before
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "backbones" / f"{model_name}-{key}.safetensors"
     return locked_compute(
-        path, lambda: path if path.is_file() else None, lambda: _pretrain(model_name, cfg, data, path, progress)
+        path,
+        lambda: path if path.is_file() else None,
+        lambda: _pretrain(model_name, cfg, data, path, progress, runtime),
     )[0]
 
 
-def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, progress: bool) -> Path:
+def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, progress: bool, runtime: Runtime) -> Path:
     backbone = load_backbone(model_name, None, seed=cfg.seed)
-    model = backbone.model
+    model = backbone.model.to(runtime.device)
     images, caption_ids, captions = [], [], []
     gen = torch.Generator().manual_seed(cfg.seed)
     for name, fraction in cfg.datasets.items():
@@ -67,10 +74,11 @@ def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, prog
         # one caption per distinct class in the batch: duplicates of a class are not negatives
         classes, inverse = torch.unique(cap, return_inverse=True)
         which = torch.randint(n_templates, (len(classes),), generator=gen)
-        img = F.normalize(model.encode_image(backbone.to_input(x_all[idx])), dim=-1)
-        txt = F.normalize(model.encode_text(tokens[classes, which]), dim=-1)
-        logits = model.logit_scale.exp() * img @ txt.T  # (B, n_classes_in_batch)
-        loss = F.cross_entropy(logits, inverse)
+        with runtime.autocast():
+            img = F.normalize(model.encode_image(backbone.to_input(runtime.to(x_all[idx]))), dim=-1)
+            txt = F.normalize(model.encode_text(runtime.to(tokens[classes, which])), dim=-1)
+            logits = model.logit_scale.exp() * img @ txt.T  # (B, n_classes_in_batch)
+            loss = F.cross_entropy(logits, runtime.to(inverse))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -78,5 +86,5 @@ def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, prog
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
     model.eval()
-    save_state({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path)
+    save_state({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, path)
     return path

@@ -61,7 +61,7 @@ class ClassicRun:
     def __init__(self, cfg: ClassicSuite, out: Path, cache: Path, unit: Unit | None = None) -> None:
         self.cfg, self.out, self.cache, self.unit = cfg, Path(out), Path(cache), unit
         self.rec = RunRecorder(self.out, cfg, selection_rule=cfg.selection.rule)
-        version = code_version("classic_train.py")
+        version = code_version("classic_train.py") + ("" if cfg.precision == "fp32" else f"-{cfg.precision}")
         self.models = CandidatePool(self.cache / "classic-models", version)
         self.pool = CandidatePool(self.cache / "classic-pool", version)
         self.evals = EvalCache(
@@ -72,6 +72,7 @@ class ClassicRun:
                 "dataset": cfg.dataset,
                 "data": cfg.data.model_dump(),
                 "mia": cfg.mia.model_dump(),
+                "precision": cfg.precision,
             },
             code_files=("classic_train.py", "classifiers.py", "protocol_classic.py"),
         )
@@ -80,9 +81,10 @@ class ClassicRun:
     # -- models ----------------------------------------------------------------------------------
     def _new_model(self) -> nn.Module:
         torch.manual_seed(0)
-        return build_classifier(
+        model = build_classifier(
             self.cfg.model.name, self.data.num_classes, self.data.in_channels, self.cfg.model.widths
         )
+        return model.to(self.rt.device)
 
     def _model_from(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
         model = self._new_model()
@@ -114,8 +116,9 @@ class ClassicRun:
                 params,
                 desc=f"{role} seed {seed}",
                 progress=self.cfg.progress,
+                runtime=self.rt,
             )
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
         entry = self.models.get_or_create(spec, make)
         self.rec.pool_member(entry, role, params.label())
@@ -134,19 +137,19 @@ class ClassicRun:
         selection-time version (Dr subsample, Val instead of test)."""
         d = self.data
         dr = self.dr if full else self.dr_small
-        out = {"retain_acc": _acc(logits_of(model, d, d.train_x[dr]), d.train_y[dr])}
-        f_logits = logits_of(model, d, d.train_x[self.df])
+        out = {"retain_acc": _acc(logits_of(model, d, d.train_x[dr], runtime=self.rt), d.train_y[dr])}
+        f_logits = logits_of(model, d, d.train_x[self.df], runtime=self.rt)
         out["forget_acc"] = _acc(f_logits, d.train_y[self.df])
         t_x, t_y = (d.test_x, d.test_y) if full else (d.val_x, d.val_y)
-        t_logits = logits_of(model, d, t_x)
+        t_logits = logits_of(model, d, t_x, runtime=self.rt)
         out["test_acc"] = _acc(t_logits, t_y)
-        out["val_acc"] = _acc(logits_of(model, d, d.val_x), d.val_y) if full else out["test_acc"]
+        out["val_acc"] = _acc(logits_of(model, d, d.val_x, runtime=self.rt), d.val_y) if full else out["test_acc"]
         if not full and self.cfg.selection.rule == "floor":
             return out  # the floor rule needs no MIA: skip the attack on every lambda
         # MIA: members = retain samples, non-members = test samples, counts fixed by config; target = Df.
         m_idx, n_idx = self.mia_members, self.mia_nonmembers
-        m_logits = logits_of(model, d, d.train_x[m_idx])
-        n_logits = t_logits[n_idx] if full else logits_of(model, d, d.test_x[self.mia_nonmembers])
+        m_logits = logits_of(model, d, d.train_x[m_idx], runtime=self.rt)
+        n_logits = t_logits[n_idx] if full else logits_of(model, d, d.test_x[self.mia_nonmembers], runtime=self.rt)
         n_labels = d.test_y[n_idx]
         out["mia_efficacy"] = mia_efficacy(
             true_label_prob(m_logits, d.train_y[m_idx]),
@@ -205,7 +208,7 @@ class ClassicRun:
                 m.momentum = None  # cumulative average over the passes below
         model.train()
         for start in range(0, min(len(self.dr), 5000), 256):
-            model(self.data.to_input(self.data.train_x[self.dr[start : start + 256]]))
+            model(self.data.to_input(self.rt.to(self.data.train_x[self.dr[start : start + 256]])))
         return model.eval()
 
     def _edited(self, tau: Mapping[str, torch.Tensor], lam: float) -> nn.Module:
@@ -242,7 +245,16 @@ class ClassicRun:
         def make(params=params):
             model = self._model_from(self.original)
             if method == "ft":
-                train(model, d, d.train_x[self.dr], d.train_y[self.dr], params, desc="FT", progress=cfg.progress)
+                train(
+                    model,
+                    d,
+                    d.train_x[self.dr],
+                    d.train_y[self.dr],
+                    params,
+                    desc="FT",
+                    progress=cfg.progress,
+                    runtime=self.rt,
+                )
             elif method == "ga":
                 train(
                     model,
@@ -253,6 +265,7 @@ class ClassicRun:
                     direction=-1,
                     desc="GA",
                     progress=cfg.progress,
+                    runtime=self.rt,
                 )
             elif method == "l1_sparse":
                 train(
@@ -264,14 +277,17 @@ class ClassicRun:
                     l1_alpha=extra.get("alpha", 5e-4),
                     desc="l1-sparse",
                     progress=cfg.progress,
+                    runtime=self.rt,
                 )
             else:  # rl and salun: Df with random wrong labels, mixed with Dr (as SalUn does)
                 x, y = self._random_label_set(seed, extra.get("retain_fraction", 1.0))
                 mask = None
                 if method == "salun":
-                    mask = saliency_mask(model, d, d.train_x[self.df], d.train_y[self.df], extra.get("sparsity", 0.5))
-                train(model, d, x, y, params, grad_mask=mask, desc=method, progress=cfg.progress)
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    mask = saliency_mask(
+                        model, d, d.train_x[self.df], d.train_y[self.df], extra.get("sparsity", 0.5), runtime=self.rt
+                    )
+                train(model, d, x, y, params, grad_mask=mask, desc=method, progress=cfg.progress, runtime=self.rt)
+            return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
         entry = self.models.get_or_create(spec, make)
         self.rec.pool_member(entry, method, params.label())
@@ -307,9 +323,12 @@ class ClassicRun:
                 params,
                 desc=f"candidate {i + 1}",
                 progress=cfg.progress,
+                runtime=self.rt,
             )
             return {
-                k: (v - self.original[k]).detach().clone() for k, v in model.state_dict().items() if k in param_names
+                k: (v.detach().cpu() - self.original[k]).clone()
+                for k, v in model.state_dict().items()
+                if k in param_names
             }
 
         entry = self.pool.get_or_create(spec, make)
@@ -370,6 +389,8 @@ class ClassicRun:
     def run(self) -> RunRecorder:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
+        self.rt = cfg.runtime()  # an unavailable device fails here, before any work
+        self.rec.runtime = self.rt.describe()
         d = self.data = load_classic(
             cfg.dataset,
             test_limit=cfg.data.test_limit,

@@ -8,7 +8,7 @@ evaluate the test splits once at the chosen lambda, with membership inference.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,18 @@ from bench.pretrain import pretrained_checkpoint
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
 from bench.units import PRODUCE, Unit
-from negmerge import apply, consensus_rate, task_vector
+from negmerge import consensus_rate, task_vector
+
+
+@dataclass(frozen=True)
+class Edit:
+    """theta_0 + coef * tau, applied by the evaluator in place on its device (no state dict is built)."""
+
+    tau: Mapping[str, torch.Tensor]
+    coef: float
+
+
+Weights = Mapping[str, torch.Tensor] | Edit
 
 
 class ClipRun:
@@ -50,15 +61,23 @@ class ClipRun:
             with self.rec.timed("pretrain"):
                 pretrained = str(
                     pretrained_checkpoint(
-                        self.cfg.backbone.name, self.cfg.pretrain, self.cfg.data, self.cache, progress=self.cfg.progress
+                        self.cfg.backbone.name,
+                        self.cfg.pretrain,
+                        self.cfg.data,
+                        self.cache,
+                        progress=self.cfg.progress,
+                        runtime=self.rt,
                     )
                 )
         with self.rec.timed("load backbone"):
             return load_backbone(self.cfg.backbone.name, pretrained)
 
     # -- evaluation helpers ----------------------------------------------------------------------
-    def _accuracy(self, state: Mapping[str, torch.Tensor], split_name: str, task: TaskData, head, control, head_c):
-        self.ev.load(state)
+    def _accuracy(self, state: Weights, split_name: str, task: TaskData, head, control, head_c):
+        if isinstance(state, Edit):
+            self.ev.load_edit(state.tau, state.coef)
+        else:
+            self.ev.load(state)
         f_split, c_split = getattr(task, split_name), getattr(control, split_name)
         return (
             top1(self.ev.logits(f_split, head), f_split.labels),
@@ -68,8 +87,9 @@ class ClipRun:
     def _curve(self, vid: str, tau, task, head, control, head_c, desc: str) -> tuple[list[float], list[float]]:
         def compute():
             forget, ctrl = [], []
+            vector = tau()
             for lam in tqdm(self.lambdas, desc=desc, leave=False, disable=not self.cfg.progress):
-                f, c = self._accuracy(apply(self.theta0, tau(), -lam), "val", task, head, control, head_c)
+                f, c = self._accuracy(Edit(vector, -lam), "val", task, head, control, head_c)
                 forget.append(f)
                 ctrl.append(c)
             return [forget, ctrl]
@@ -118,6 +138,7 @@ class ClipRun:
                 "n_train": len(task.train),
                 "params": asdict(params),
                 "direction": direction,
+                "precision": self.cfg.precision,
             }
 
             def make(params=params, i=i):
@@ -132,6 +153,7 @@ class ClipRun:
                     progress=self.cfg.progress,
                     grayscale=task.grayscale,
                     workers=self.cfg.data.workers,
+                    runtime=self.rt,
                 )
                 return task_vector(ft, self.theta0)
 
@@ -171,11 +193,14 @@ class ClipRun:
     def run(self) -> RunRecorder:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
+        self.rt = cfg.runtime()  # an unavailable device fails here, before any work
+        self.rec.runtime = self.rt.describe()
         control, tasks = self._load_tasks()
         self.backbone = self._backbone()
         self.backbone_id = self.backbone.identity()
         self.theta0 = visual_state(self.backbone)
-        self.ev = Evaluator(self.backbone, cfg.eval_batch_size)
+        self.ev = Evaluator(self.backbone, cfg.eval_batch_size, self.rt)
+        self.ev.set_base(self.theta0)
         self.evals = EvalCache(
             self.cache / "evals",
             {
@@ -183,6 +208,7 @@ class ClipRun:
                 "data": cfg.data.load_kwargs(),
                 "control": cfg.control,
                 "mia": cfg.mia.model_dump(),
+                "precision": cfg.precision,
             },
             code_files=("evaluate.py", "heads.py", "protocol_clip.py"),
         )
@@ -190,14 +216,18 @@ class ClipRun:
         self.preprocessed = PreprocessedCache(self.cache / "preprocessed", cfg.data.workers, cfg.progress)
         if not self._producing:
             control = self._prepare_eval(control, members=False)
-            head_c = cached_head(self.backbone, self.backbone_id, control.classnames, control.templates, self.cache)
+            head_c = cached_head(
+                self.backbone, self.backbone_id, control.classnames, control.templates, self.cache, self.rt
+            )
         floor = cfg.selection.floor
         for seed in cfg.seeds:
             for name in cfg.forget:
                 if self.unit is not None and (self.unit.seed, self.unit.dataset) != (seed, name):
                     continue
                 task = tasks[name]
-                head = cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache)
+                head = cached_head(
+                    self.backbone, self.backbone_id, task.classnames, task.templates, self.cache, self.rt
+                )
                 if self._producing:
                     self._produce(task, head)
                     continue
@@ -256,7 +286,7 @@ class ClipRun:
                             test = self._cached_test(
                                 ok[best].key,
                                 sel.lam,
-                                lambda: apply(self.theta0, tau(), -sel.lam),
+                                lambda: Edit(tau(), -sel.lam),
                                 task,
                                 head,
                                 control,
@@ -274,7 +304,7 @@ class ClipRun:
                             self._cached_test(
                                 vid,
                                 sel.lam,
-                                lambda: apply(self.theta0, merged, -sel.lam),
+                                lambda: Edit(merged, -sel.lam),
                                 task,
                                 head,
                                 control,
@@ -334,7 +364,7 @@ class ClipRun:
             fv, cv = self.evals.get_or_compute(
                 {"ga val": entry.key, "task": task.name},
                 lambda entry=entry: self._accuracy(
-                    apply(self.theta0, load_file(entry.path), 1.0), "val", task, head, control, head_c
+                    Edit(load_file(entry.path), 1.0), "val", task, head, control, head_c
                 ),
             )
             sel = select_lambda([1.0], [fv], [cv], zs_control_val, self.cfg.selection.floor)
@@ -348,7 +378,7 @@ class ClipRun:
         test = self._cached_test(
             entries[best].key,
             1.0,
-            lambda: apply(self.theta0, load_file(entries[best].path), 1.0),
+            lambda: Edit(load_file(entries[best].path), 1.0),
             task,
             head,
             control,

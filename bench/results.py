@@ -79,6 +79,7 @@ class RunRecorder:
         self.pool: list[dict[str, Any]] = []
         self.selections: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.runtime: dict[str, str] = {}
         self.ablation: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.started = datetime.now(timezone.utc)
@@ -183,6 +184,7 @@ class RunRecorder:
             "packages": package_versions(),
             "python": platform.python_version(),
             "host": {"machine": platform.machine(), "threads": getattr(self.cfg, "threads", None)},
+            "runtime": self.runtime,  # device, its name, precision
             "started": self.started.isoformat(),
             "wall_seconds": round(time.perf_counter() - self._t0, 2),
             "timings_seconds": {k: round(v, 2) for k, v in self.timings.items()},

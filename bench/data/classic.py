@@ -37,8 +37,8 @@ class ClassicData:
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0)
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
 
