@@ -1,0 +1,99 @@
+"""Device and precision: the same code on CPU in fp32 (bit-identical), in bf16 (autocast), clear errors
+for a device or precision this machine cannot give, in-place lambda points, and the cost plan."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from bench.backbones import load_backbone, visual_state
+from bench.cli import main
+from bench.device import CPU, resolve_runtime
+from bench.errors import BenchError
+from bench.evaluate import Evaluator
+from negmerge import apply
+
+QUICK = ["--set", "forget=[sklearn-digits]"]
+
+
+def test_load_edit_gives_the_bits_of_apply():
+    backbone = load_backbone("mini-clip-vit", None)
+    theta0 = visual_state(backbone)
+    tau = {k: 0.01 * torch.randn_like(v) for k, v in theta0.items() if k != "proj"}  # one key absent
+    in_place, rebuilt = Evaluator(backbone), Evaluator(backbone)
+    in_place.set_base(theta0)
+    for coef in (-0.35, 1.0):
+        in_place.load_edit(tau, coef)
+        rebuilt.load(apply(theta0, tau, coef))
+        assert all(torch.equal(in_place.params[k], rebuilt.params[k]) for k in theta0)
+
+
+def test_bf16_autocast_on_cpu_changes_the_forward_not_the_weights():
+    backbone = load_backbone("mini-clip-vit", None)
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    from bench.data import ImageSplit
+
+    split = ImageSplit(labels=torch.zeros(8, dtype=torch.long), images=images)
+    head = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+    fp32 = Evaluator(backbone).logits(split, head)
+    bf16 = Evaluator(backbone, runtime=resolve_runtime("cpu", "bf16")).logits(split, head)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_an_unavailable_device_is_one_clear_error_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NEGMERGE_CACHE", str(tmp_path / "cache"))
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "error: device: cuda asked for, but torch sees no CUDA device here" in capsys.readouterr().err
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    with pytest.raises(BenchError, match="fp16 autocast is for CUDA"):
+        resolve_runtime("cpu", "fp16")
+    assert resolve_runtime("auto") == CPU
+
+
+def test_a_malformed_device_is_a_config_error(tmp_path, capsys):
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path), "--set", "device=gpu0"]) == 2
+    assert "device: Value error, device must be auto, cpu, cuda or cuda:N, got 'gpu0'" in capsys.readouterr().err
+
+
+def test_classic_training_and_logits_in_bf16_on_cpu():
+    from bench.classic_train import SgdParams, logits_of, train
+    from bench.classifiers import build_classifier
+    from bench.data.classic import load_classic
+
+    data = load_classic("fashion-mnist", train_limit=256, test_limit=64, val_size=32, split_seed=0)
+    model = build_classifier("small-resnet", data.num_classes, data.in_channels, [8, 8, 8])
+    rt = resolve_runtime("cpu", "bf16")
+    train(model, data, data.train_x, data.train_y, SgdParams(epochs=1, batch_size=64), progress=False, runtime=rt)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    logits = logits_of(model, data, data.test_x, runtime=rt)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_plan_counts_the_paper_setting(capsys):
+    assert main(["plan", "clip-vit-b32", "--images-per-second", "3000"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning runs: 312 (" in out  # 30 candidates + 9 gradient-ascent settings, x 8 datasets
+    assert "GFLOP per image forward" in out and "device-hours" in out
+    assert "phase 1: 312 units (240 finetune, 72 grad-ascent)" in out
+
+
+@pytest.mark.integration
+def test_bf16_on_cpu_runs_the_reduced_suite_end_to_end(tiny_backbone, tmp_path, monkeypatch):
+    """Same pretrained backbone, fine-tuning and evaluation in bf16: every method row, selections recorded."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_backbone.parent, cache / "backbones")
+    monkeypatch.setenv("NEGMERGE_CACHE", str(cache))
+    argv = ["run", "mini-clip-tiny", "--no-report", "--set", f"backbone.pretrained={tiny_backbone}", *QUICK]
+    assert main([*argv, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "fp32")]) == 0
+    results = {p: pd.read_csv(tmp_path / p / "results.csv") for p in ("bf16", "fp32")}
+    methods = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "gradient_ascent"}
+    assert set(results["bf16"].method) == methods
+    lams = {p: r[r.split == "val"].groupby("method").lam.first() for p, r in results.items()}
+    moved = lams["bf16"].compare(lams["fp32"])
+    print(f"\nbf16 vs fp32 selected lambdas that differ:\n{moved if not moved.empty else 'none'}")
