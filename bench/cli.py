@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -224,6 +225,21 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted: everything finished so far is cached; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"error: no space left writing {exc.filename or 'the cache or run folder'} ({exc.strerror}); nothing "
+            "half-written was kept: free space (or move NEGMERGE_CACHE / --out) and rerun to resume",
+            file=sys.stderr,
+        )
         return 2
 
 

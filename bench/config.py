@@ -37,9 +37,24 @@ def require_known(kind: str, names, known) -> None:
 
 
 def _known_merges(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Names and values checked now: each merge runs once on a two-element toy pool with the given
+    parameters, so a bad ``k`` or ``threshold`` fails at load, not after the pool is fine-tuned."""
+    import inspect
+
+    import torch
+
     from baselines import MERGES
+    from negmerge.errors import MergeInputError
 
     require_known("merge", params, MERGES)
+    toy = [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([3.0, -1.0])}]
+    for name, kwargs in params.items():
+        accepted = [p for p in inspect.signature(MERGES[name]).parameters if p != "task_vectors"]
+        require_known(f"{name} parameter", kwargs, accepted)
+        try:
+            MERGES[name](toy, **kwargs)
+        except (MergeInputError, TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
     return params
 
 

@@ -70,7 +70,7 @@ class FinetuneParams:
             try:
                 rand_augment_transform(self.randaug, {})
             except Exception as exc:
-                raise ValueError(f"randaug {self.randaug!r} is not a timm RandAugment string ({exc})") from None
+                raise ValueError(f"randaug {self.randaug!r} is not a timm RandAugment string ({exc!r})") from None
 
     def total_steps(self, n_train: int) -> int:
         if self.steps is not None:

@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
 from bench.io import write_atomic, write_text_atomic  # noqa: E402
+from bench.results import RESULT_COLUMNS  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
 
 NAMES = {
@@ -66,9 +67,26 @@ def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     for name in ("results.csv", "manifest.json"):
         if not (run_dir / name).is_file():
             raise BenchError(f"{run_dir} has no {name}: give the folder a `negmerge-bench run` wrote")
-    results = pd.read_csv(run_dir / "results.csv")
-    curves = pd.read_csv(run_dir / "curves.csv") if (run_dir / "curves.csv").stat().st_size > 1 else pd.DataFrame()
-    return results, curves, json.loads((run_dir / "manifest.json").read_text())
+    results = _read_table(run_dir / "results.csv", required=RESULT_COLUMNS)
+    curves_file = run_dir / "curves.csv"
+    curves = _read_table(curves_file) if curves_file.is_file() and curves_file.stat().st_size > 1 else pd.DataFrame()
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BenchError(f"{run_dir / 'manifest.json'} is damaged ({exc}); rerun the suite to rewrite it") from None
+    return results, curves, manifest
+
+
+def _read_table(path: Path, required: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """A run's CSV, or one clear error naming the file when it is damaged."""
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise BenchError(f"{path} is damaged ({str(exc).splitlines()[0]}); rerun the suite to rewrite it") from None
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise BenchError(f"{path} is damaged: column {missing[0]!r} is missing; rerun the suite to rewrite it")
+    return table
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:

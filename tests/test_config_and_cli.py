@@ -100,3 +100,72 @@ def test_bad_classic_config_names_the_field(override, message):
     with pytest.raises(BenchError) as err:
         load_suite("mini-classic", [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("merge_params.ties.k=2", "merge_params: Value error, ties: k must be a fraction in (0, 1], got 2"),
+        ("merge_params.negmerge.threshold=0", "negmerge: threshold must be a number in (0, 1], got 0"),
+        ("merge_params.ties.kk=0.1", "unknown ties parameter 'kk'; known: k, scope"),
+        ("finetune.base.lr=-1", "finetune: Value error, invalid fine-tuning setting: lr must be > 0, got -1"),
+        ("finetune.base.batch_size=0", "invalid fine-tuning setting: batch_size must be >= 1, got 0"),
+        ("finetune.grid.randaug=[m9-n2]", "randaug 'm9-n2' is not a timm RandAugment string"),
+        ("finetune.base.freeze=[mlp]", "freeze: unknown group 'mlp'; known: attention"),
+    ],
+)
+def test_bad_training_and_merge_settings_fail_at_load(override, message, tmp_path, capsys):
+    """Refused before anything is fine-tuned (they used to fail minutes in, at training or merge time)."""
+    assert main(["run", "mini-clip-tiny", "--set", override, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_out_naming_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("not a folder")
+    assert main(["run", "mini-clip-tiny", "--out", str(target)]) == 2
+    assert f"--out: {target} is a file" in capsys.readouterr().err
+
+
+def test_a_damaged_results_csv_is_one_clear_error(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    run = shutil.copytree(Path(__file__).parents[1] / "results" / "mini-clip-tiny", tmp_path / "run")
+    (run / "results.csv").write_text('suite,backbone\n"unterminated,x\n')
+    assert main(["report", str(run)]) == 2
+    assert f"error: {run / 'results.csv'} is damaged" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_the_run_can_be_resumed(monkeypatch, capsys):
+    import bench.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.cli, "cmd_status", interrupted)
+    assert main(["status", "mini-clip-tiny"]) == 130
+    assert "interrupted: everything finished so far is cached" in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+    from pathlib import Path
+
+    import bench.report
+    from bench.io import write_atomic
+
+    def full(f):
+        f.write(b"part" if "b" in f.mode else "part")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.txt"))
+
+    with pytest.raises(OSError):
+        write_atomic(tmp_path / "x.txt", full)
+    assert list(tmp_path.iterdir()) == []  # neither the entry nor its temporary file
+
+    run = shutil.copytree(Path(__file__).parents[1] / "results" / "mini-clip-tiny", tmp_path / "run")
+    monkeypatch.setattr(bench.report, "write_atomic", lambda path, write, mode="w": write_atomic(path, full, mode))
+    assert main(["report", str(run)]) == 2
+    assert "error: no space left writing" in capsys.readouterr().err
