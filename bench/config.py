@@ -402,8 +402,20 @@ class ClassicSuite(RuntimeFields):
             raise ValueError(f"method {missing[0]!r} needs settings under baselines.{missing[0]}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        if self.forget.mode == "class" and not self.forget.classes:
-            raise ValueError("forget.classes: class-wise forgetting needs at least one class")
+        from bench.data.classic import NUM_CLASSES
+
+        require_known("dataset", [self.dataset], NUM_CLASSES)
+        if self.forget.mode == "class":
+            if not self.forget.classes:
+                raise ValueError("forget.classes: class-wise forgetting needs at least one class")
+            n = NUM_CLASSES[self.dataset]
+            bad = [c for c in self.forget.classes if not 0 <= c < n]
+            if bad:
+                raise ValueError(f"forget.classes: class {bad[0]} does not exist in {self.dataset} (ids 0..{n - 1})")
+            if len(set(self.forget.classes)) != len(self.forget.classes):
+                raise ValueError("forget.classes: a class is listed twice")
+            if len(self.forget.classes) >= n:
+                raise ValueError(f"forget.classes: forgetting all {n} classes leaves nothing to retain")
         return self
 
 

@@ -147,10 +147,12 @@ class ClassicRun:
         if not full and self.cfg.selection.rule == "floor":
             return out  # the floor rule needs no MIA: skip the attack on every lambda
         # MIA: members = retain samples, non-members = test samples, counts fixed by config; target = Df.
-        m_idx, n_idx = self.mia_members, self.mia_nonmembers
+        # Selection (full=False) takes its non-members from Val, never from the test split.
+        m_idx = self.mia_members
+        n_idx = self.mia_nonmembers if full else self.mia_val_nonmembers
         m_logits = logits_of(model, d, d.train_x[m_idx], runtime=self.rt)
-        n_logits = t_logits[n_idx] if full else logits_of(model, d, d.test_x[self.mia_nonmembers], runtime=self.rt)
-        n_labels = d.test_y[n_idx]
+        n_logits = t_logits[n_idx]
+        n_labels = t_y[n_idx]
         out["mia_efficacy"] = mia_efficacy(
             true_label_prob(m_logits, d.train_y[m_idx]),
             true_label_prob(n_logits, n_labels),
@@ -386,6 +388,24 @@ class ClassicRun:
         return self.lambdas[best], scored[best][0], scored[best][1]
 
     # -- main ------------------------------------------------------------------------------------
+    def _setup_seed(self, seed: int) -> None:
+        """Df and Dr of this seed, and the seeded subsets that metrics and selection read."""
+        cfg, d = self.cfg, self.data
+        everything = torch.arange(len(d.train_y))
+        self.df = forget_indices(d, cfg.forget.mode, cfg.forget.fraction, cfg.forget.classes, seed)
+        self.dr = everything[~torch.isin(everything, self.df)]
+        self.df_hash = hashlib.sha256(self.df.numpy().tobytes()).hexdigest()[:16]
+        write_json_atomic(
+            self.out / "forget_sets" / f"seed{seed}.json",
+            {"seed": seed, "mode": cfg.forget.mode, "indices": self.df.tolist()},
+        )
+        gen = torch.Generator().manual_seed(seed)
+        self.dr_small = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.selection.retain_size]]
+        self.mia_members = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.mia.n_members]]
+        self.mia_nonmembers = torch.randperm(len(d.test_y), generator=gen)[: cfg.mia.n_nonmembers]
+        # selection's non-members come from the validation split: selection never reads a test image
+        self.mia_val_nonmembers = torch.randperm(len(d.val_y), generator=gen)[: cfg.mia.n_nonmembers]
+
     def run(self) -> RunRecorder:
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
@@ -406,17 +426,7 @@ class ClassicRun:
             if unit is not None and unit.seed != seed:
                 continue
             row = dict(backbone=cfg.model.name, dataset=cfg.dataset, seed=seed)
-            self.df = forget_indices(d, cfg.forget.mode, cfg.forget.fraction, cfg.forget.classes, seed)
-            self.dr = everything[~torch.isin(everything, self.df)]
-            self.df_hash = hashlib.sha256(self.df.numpy().tobytes()).hexdigest()[:16]
-            write_json_atomic(
-                self.out / "forget_sets" / f"seed{seed}.json",
-                {"seed": seed, "mode": cfg.forget.mode, "indices": self.df.tolist()},
-            )
-            gen = torch.Generator().manual_seed(seed)
-            self.dr_small = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.selection.retain_size]]
-            self.mia_members = self.dr[torch.randperm(len(self.dr), generator=gen)[: cfg.mia.n_members]]
-            self.mia_nonmembers = torch.randperm(len(d.test_y), generator=gen)[: cfg.mia.n_nonmembers]
+            self._setup_seed(seed)
             if unit is not None and unit.kind == "retrain":
                 self._trained("retrain", self.dr, seed)
                 continue

@@ -340,8 +340,14 @@ def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manif
     labels = _row_labels(seeds, len(cfg["seeds"]), NAMES)
     shown = cells.rename(index=labels, columns=CLASSIC_COLS)
     mask = mask.rename(index=labels, columns=CLASSIC_COLS)
+    forget = cfg["forget"]
+    what = (
+        f"Forgetting class{'es' if len(forget['classes']) > 1 else ''} {', '.join(map(str, forget['classes']))}"
+        if forget.get("mode") == "class"
+        else f"Random {100 * forget['fraction']:.0f}\\% forgetting"
+    )
     caption = (
-        f"Random {100 * cfg['forget']['fraction']:.0f}\\% forgetting on {cfg['dataset']} with {cfg['model']['name']}: "
+        f"{what} on {cfg['dataset']} with {cfg['model']['name']}: "
         f"accuracy (\\%) on $D_r$, $D_f$, $D_{{test}}$, MIA-efficacy, and the average gap to Retrain (lower is "
         f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {cfg['selection']['rule']} "
         f"(floor {cfg['selection']['floor']}); BatchNorm: {cfg['bn']}. Closest to Retrain in bold."

@@ -120,3 +120,29 @@ def test_cluster_run_needs_a_partition_on_slurm(tmp_path, capsys):
     pytest.importorskip("submitit")
     assert main(["run", "mini-classic-tiny", "--out", str(tmp_path), "--executor", "slurm", "--no-wait"]) == 2
     assert "--partition: SLURM jobs need a partition" in capsys.readouterr().err
+
+
+def test_selection_never_reads_a_test_image(tmp_path):
+    """Every selection (lambda, baseline setting, single best; floor and avg_gap rules) is made on the
+    full=False metrics. Replacing the test images must not move them, while the reported ones move."""
+    import torch
+
+    from bench.config import load_suite
+    from bench.data.classic import load_classic
+    from bench.device import CPU
+    from bench.protocol_classic import ClassicRun
+
+    cfg = load_suite("mini-classic-tiny", ["selection.rule=avg_gap"])
+    run = ClassicRun(cfg, tmp_path, tmp_path / "cache")
+    run.rt = CPU
+    d = cfg.data
+    run.data = load_classic(
+        cfg.dataset, test_limit=d.test_limit, train_limit=d.train_limit, val_size=d.val_size, split_seed=d.split_seed
+    )
+    run._setup_seed(0)
+    model = run._new_model().eval()
+    selection, reported = run._metrics(model, 0, full=False), run._metrics(model, 0, full=True)
+    assert "mia_efficacy" in selection  # avg_gap selects on all four terms, MIA included
+    run.data.test_x = torch.randint(0, 256, run.data.test_x.shape, dtype=torch.uint8)
+    assert run._metrics(model, 0, full=False) == selection
+    assert run._metrics(model, 0, full=True) != reported

@@ -14,6 +14,7 @@ import torch
 from bench.data import offline
 from bench.errors import BenchError
 
+NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
 MEAN_STD = {
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
