@@ -203,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--measure", action="store_true", help="measure eval and train images/s on this machine's device")
     _runtime_flags(pl)
     pl.set_defaults(fn=cmd_plan)
+    ca = sub.add_parser("cache", help="check the cache ($NEGMERGE_CACHE): verify [--repair]")
+    ca.add_argument("action", choices=["verify"])
+    ca.add_argument("--repair", action="store_true", help="move damaged entries to CACHE/quarantine")
+    ca.set_defaults(fn=cmd_cache)
     st = sub.add_parser("status", help="a cluster run's units (done/running/failed/missing), or a suite's job layout")
     st.add_argument("run_or_suite")
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite field")
@@ -212,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("what", choices=["suites", "methods", "datasets", "backbones"])
     lst.set_defaults(fn=cmd_list)
     return parser
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """verify: check every entry (content hashes included); --repair quarantines the damaged ones."""
+    from bench.integrity import verify_cache
+
+    root = cache_dir()
+    if not root.is_dir():
+        raise BenchError(f"cache {root} does not exist (set NEGMERGE_CACHE to the cache to check)")
+    checked, problems = verify_cache(root, repair=args.repair)
+    for p in problems:
+        print(f"damaged: {p['entry']}: {p['problem']}")
+    action = "moved to quarantine; the next run recomputes them" if args.repair else "rerun with --repair"
+    print(f"{checked} entries checked in {root}: {len(problems)} damaged" + (f" ({action})" if problems else ""))
+    return 1 if problems and not args.repair else 0
 
 
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:

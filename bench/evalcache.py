@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.integrity import quarantine
 from bench.io import write_json_atomic
 from bench.locks import locked_compute
 
@@ -34,7 +35,13 @@ class EvalCache:
         path = self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
 
         def lookup() -> tuple[Any] | None:
-            return (json.loads(path.read_text())["value"],) if path.is_file() else None
+            if not path.is_file():
+                return None
+            try:
+                return (json.loads(path.read_text())["value"],)
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                quarantine([path], f"unreadable: {exc}")
+                return None
 
         def fresh() -> tuple[Any]:
             value = compute()

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from bench.backbones import Backbone
 from bench.device import CPU, Runtime
+from bench.integrity import quarantine, safetensors_problem
 from bench.locks import locked_compute
 from negmerge import save_state
 
@@ -54,7 +55,20 @@ def cached_head(
         save_state({"head": head}, path)
         return head
 
-    return locked_compute(path, lambda: load_file(path)["head"] if path.is_file() else None, compute)[0]
+    return locked_compute(path, lambda: _cached_tensor(path, "head"), compute)[0]
+
+
+def _cached_tensor(path: Path, name: str) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    problem = safetensors_problem(path)
+    if problem is None:
+        tensor = load_file(path).get(name)
+        if tensor is not None:
+            return tensor
+        problem = f"it holds no {name!r} tensor"
+    quarantine([path], problem)
+    return None
 
 
 class ZeroShotClassifier(torch.nn.Module):

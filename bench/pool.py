@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from bench.finetune import Diverged
+from bench.integrity import file_digest, quarantine, safetensors_problem
 from bench.io import write_json_atomic
 from bench.locks import locked_compute, worker_id
 from negmerge import save_state
@@ -65,9 +66,19 @@ class CandidatePool:
         def lookup() -> PoolEntry | None:
             if not record_path.is_file():
                 return None
-            record = json.loads(record_path.read_text())
-            if record["status"] == "failed" or tensor_path.is_file():
-                path = tensor_path if record["status"] == "ok" else None
+            try:
+                record = json.loads(record_path.read_text())
+                status = record["status"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                quarantine([record_path, tensor_path], f"its record is unreadable: {exc}")
+                return None
+            if status == "ok":
+                problem = safetensors_problem(tensor_path, record.get("size"))
+                if problem:
+                    quarantine([record_path, tensor_path], problem)
+                    return None
+            if status == "failed" or tensor_path.is_file():
+                path = tensor_path if status == "ok" else None
                 return PoolEntry(
                     key,
                     spec,
@@ -93,7 +104,15 @@ class CandidatePool:
                 return PoolEntry(key, spec, "failed", None, seconds, False, str(exc), me)
             seconds = time.perf_counter() - start
             save_state(tau, tensor_path, metadata={"key": key})
-            record = {"spec": spec, "status": "ok", "seconds": seconds, "code_version": self.version, "computed_by": me}
+            record = {
+                "spec": spec,
+                "status": "ok",
+                "seconds": seconds,
+                "code_version": self.version,
+                "computed_by": me,
+                "size": tensor_path.stat().st_size,  # checked on every read
+                "sha256": file_digest(tensor_path),  # checked by `negmerge-bench cache verify`
+            }
             write_json_atomic(record_path, record)
             return PoolEntry(key, spec, "ok", tensor_path, seconds, False, computed_by=me)
 

@@ -18,6 +18,7 @@ from bench.backbones import load_backbone
 from bench.config import DataCfg, PretrainCfg
 from bench.data import load_task
 from bench.device import CPU, Runtime
+from bench.integrity import quarantine, safetensors_problem
 from bench.locks import locked_compute
 from negmerge import save_state
 
@@ -34,10 +35,18 @@ def pretrained_checkpoint(
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "backbones" / f"{model_name}-{key}.safetensors"
     return locked_compute(
-        path,
-        lambda: path if path.is_file() else None,
-        lambda: _pretrain(model_name, cfg, data, path, progress, runtime),
+        path, lambda: _intact(path), lambda: _pretrain(model_name, cfg, data, path, progress, runtime)
     )[0]
+
+
+def _intact(path: Path) -> Path | None:
+    if not path.is_file():
+        return None
+    problem = safetensors_problem(path)
+    if problem:
+        quarantine([path], problem)
+        return None
+    return path
 
 
 def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, progress: bool, runtime: Runtime) -> Path:

@@ -146,3 +146,21 @@ def test_selection_never_reads_a_test_image(tmp_path):
     run.data.test_x = torch.randint(0, 256, run.data.test_x.shape, dtype=torch.uint8)
     assert run._metrics(model, 0, full=False) == selection
     assert run._metrics(model, 0, full=True) != reported
+
+
+@pytest.mark.integration
+def test_a_truncated_trained_model_is_recomputed(classic_run, tmp_path):
+    """A Protocol B model (here a Retrain) truncated on disk is set aside, retrained, and the run ends
+    with the same results.csv (training is deterministic, so everything downstream stays cached)."""
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ["NEGMERGE_CACHE"])
+    records = sorted((cache / "classic-models").glob("*.json"))
+    retrain = next(r for r in records if json.loads(r.read_text())["spec"]["role"] == "retrain")
+    tensor = retrain.with_suffix(".safetensors")
+    tensor.write_bytes(tensor.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="is damaged"):
+        assert main(["run", "mini-classic-tiny", "--out", str(tmp_path), "--no-report"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results.csv"), pd.read_csv(classic_run / "results.csv"))
+    assert (cache / "quarantine" / "classic-models").is_dir()

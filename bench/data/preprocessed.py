@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bench.data.files import FileImages, TransformedImages, to_rgb
+from bench.integrity import quarantine
 from bench.locks import locked_compute
 
 CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
@@ -66,12 +67,29 @@ class PreprocessedCache:
         spec = {"images": files.key(), "transform": describe(transform), "code": CODE_VERSION}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         path = self.root / f"{key}.npy"
-        _, computed = locked_compute(
-            path, lambda: path if path.is_file() else None, lambda: self._build(path, files, labels, transform, desc)
+        array, computed = locked_compute(
+            path,
+            lambda: self._load(path, len(files)),
+            lambda: self._build(path, files, labels, transform, desc) and self._load(path, len(files)),
         )
         self.built += computed
-        # copy-on-write map: a writable tensor (no warning) whose writes never reach the file
-        return torch.from_numpy(np.load(path, mmap_mode="c"))
+        return torch.from_numpy(array)
+
+    @staticmethod
+    def _load(path: Path, n: int):
+        """The cached array, memory-mapped copy-on-write (writable, but writes never reach the file);
+        None (and the file quarantined) when it is damaged."""
+        if not path.is_file():
+            return None
+        try:
+            array = np.load(path, mmap_mode="c")
+            if array.shape[0] == n and array.ndim == 4 and array.dtype == np.uint8:
+                return array
+            problem = f"shape {array.shape} / {array.dtype}, expected {n} uint8 images"
+        except (ValueError, OSError, EOFError) as exc:
+            problem = f"unreadable ({exc})"
+        quarantine([path], problem)
+        return None
 
     def _build(self, path: Path, files: FileImages, labels: torch.Tensor, transform, desc: str) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
