@@ -32,6 +32,21 @@ class SgdParams:
     schedule: str = "cosine"  # or "constant"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would only fail (or silently misbehave) once training starts."""
+        checks = [
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.schedule in ("cosine", "constant"), f"schedule must be cosine or constant, got {self.schedule!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
     def label(self) -> str:
         default = SgdParams()
         return ",".join(f"{k}={v}" for k, v in asdict(self).items() if v != getattr(default, k)) or "defaults"

@@ -4,6 +4,7 @@ out-of-range floor is one clear error naming the field (pydantic does the field 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -58,11 +59,11 @@ def _known_merges(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     return params
 
 
-def _check_points(make_points) -> None:
+def _check_points(make_points, what: str = "fine-tuning setting") -> None:
     try:
         make_points()
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"invalid fine-tuning setting: {exc}") from None
+        raise ValueError(f"invalid {what}: {exc}") from None
 
 
 class Strict(BaseModel):
@@ -99,12 +100,24 @@ class BackboneCfg(Strict):
 class PretrainCfg(Strict):
     """Contrastive pretraining of a tiny open_clip model on offline images with class-name captions."""
 
-    datasets: dict[str, float]  # dataset -> fraction of its training split used
+    datasets: dict[str, float]  # dataset -> fraction of its training split used (offline sets)
     steps: int = Field(600, gt=0)
     batch_size: int = Field(256, gt=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = 0.1
     seed: int = 0
+
+    @field_validator("datasets")
+    @classmethod
+    def _offline_sets(cls, value: dict[str, float]) -> dict[str, float]:
+        from bench.data import DATASETS
+
+        offline = sorted(n for n, spec in DATASETS.items() if spec.kind == "offline")
+        require_known("pretraining dataset", value, offline)
+        for name, fraction in value.items():
+            if not 0 < fraction <= 1:
+                raise ValueError(f"{name}: the fraction must be in (0, 1], got {fraction}")
+        return value
 
 
 class DataCfg(Strict):
@@ -183,6 +196,16 @@ class SelectionCfg(Strict):
             raise ValueError(f"floor must be in (0, 1], got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _grid_not_empty(self) -> SelectionCfg:
+        if not (math.isfinite(self.lambda_start) and math.isfinite(self.lambda_stop)):
+            raise ValueError("lambda_start and lambda_stop must be finite numbers")
+        if self.lambda_start > self.lambda_stop:
+            raise ValueError(
+                f"lambda_start {self.lambda_start} is above lambda_stop {self.lambda_stop}: the grid is empty"
+            )
+        return self
+
 
 class MiaCfg(Strict):
     enabled: bool = True
@@ -195,6 +218,14 @@ class AblationCfg(Strict):
     sizes: list[int] = []  # empty: 2 .. K
     draws: int = Field(3, gt=0)
     seed: int = 0
+
+    @field_validator("sizes")
+    @classmethod
+    def _at_least_two(cls, sizes: list[int]) -> list[int]:
+        small = [n for n in sizes if n < 2]
+        if small:
+            raise ValueError(f"a merge needs at least 2 candidates, got size {small[0]}")
+        return sizes
 
 
 class ClipSuite(RuntimeFields):
@@ -302,6 +333,12 @@ class SgdGridCfg(Strict):
             raise ValueError("the grid is empty: every axis needs at least one value")
         return grid
 
+    @model_validator(mode="after")
+    def _points_valid(self) -> SgdGridCfg:
+        """Every setting checked now, not when its training starts."""
+        _check_points(lambda: self.points(0), "SGD setting")
+        return self
+
     def points(self, seed: int):
         from bench.classic_train import SgdParams
 
@@ -315,6 +352,18 @@ class SgdGridCfg(Strict):
 class ClassicModelCfg(Strict):
     name: str = "small-resnet"
     widths: list[int] | None = None  # small-resnet only: channels per stage (default 16, 32, 64)
+
+    @model_validator(mode="after")
+    def _known(self) -> ClassicModelCfg:
+        from bench.classifiers import CLASSIFIERS
+
+        require_known("classifier", [self.name], CLASSIFIERS)
+        if self.widths is not None:
+            if self.name != "small-resnet":
+                raise ValueError(f"widths only applies to small-resnet, not {self.name!r}")
+            if not self.widths or min(self.widths) < 1:
+                raise ValueError(f"widths: give positive channel counts, one per stage, got {self.widths}")
+        return self
 
 
 class ClassicDataCfg(Strict):
@@ -429,7 +478,11 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise BenchError(f"--set {assignment!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = str(exc).splitlines()[0]
+        raise BenchError(f"--set {assignment!r}: the value is not valid YAML ({problem})") from None
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -451,9 +504,12 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSui
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise BenchError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise BenchError(f"{path}: the top level must be a mapping of fields (protocol: ..., name: ...)")
     for assignment in overrides or []:
         _apply_override(raw, assignment)
-    model = {"clip": ClipSuite, "classic": ClassicSuite}.get(raw.get("protocol"))
+    protocol = raw.get("protocol")
+    model = {"clip": ClipSuite, "classic": ClassicSuite}.get(protocol) if isinstance(protocol, str) else None
     if model is None:
         raise BenchError(f"{path}: protocol: expected 'clip' or 'classic', got {raw.get('protocol')!r}")
     try:
