@@ -4,29 +4,25 @@ with a cached pool is seconds, and any change to the inputs or to the evaluation
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.codehash import code_digest
 from bench.integrity import quarantine
 from bench.io import write_json_atomic
 from bench.locks import locked_compute
 
 
-def code_hash(files: tuple[str, ...]) -> str:
-    """Hash of the bench/ modules an evaluation depends on: editing them invalidates their results."""
-    return hashlib.sha256(b"".join((Path(__file__).parent / f).read_bytes() for f in files)).hexdigest()[:12]
-
-
 class EvalCache:
-    def __init__(self, root: Path, context: dict[str, Any], code_files: tuple[str, ...]) -> None:
+    def __init__(self, root: Path, context: dict[str, Any], code_modules: tuple[str, ...]) -> None:
+        """``code_modules``: the modules that compute what is cached; they and everything they import
+        (``bench.codehash``) are part of every key."""
         self.root = Path(root)
         self.context = context
-        self.code = code_hash(("evalcache.py", "metrics.py", "selection.py", *code_files))
+        self.code = code_digest("bench.evalcache", "bench.metrics", "bench.selection", *code_modules)
         self.hits = 0
         self.misses = 0
 
@@ -56,17 +52,15 @@ class EvalCache:
         return value
 
 
-@functools.cache  # one read per merge and process: vector_id runs for every merge, seed and ablation draw
 def merge_code_hash(method: str) -> str:
-    """Hash of a merge's implementation (its module and the streaming engine), or "" for a name
-    that is not a registered merge: editing a merge must not let stale cached evaluations through."""
-    import negmerge.streaming
+    """Digest of a merge's code (its module and every project module it imports: the streaming engine,
+    the sources, TIES's top-k cut), or "" for a name that is not a registered merge: editing a merge
+    must not let stale cached evaluations through."""
     from baselines import MERGES
 
     if method not in MERGES:
         return ""
-    files = (inspect.getsourcefile(MERGES[method]), negmerge.streaming.__file__)
-    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:12]
+    return code_digest(MERGES[method].__module__)
 
 
 def vector_id(method: str, params: dict[str, Any], member_keys: list[str]) -> str:

@@ -22,19 +22,12 @@ from typing import Any
 
 import torch
 
+from bench.codehash import code_digest
 from bench.finetune import Diverged
 from bench.integrity import file_digest, quarantine, safetensors_problem
 from bench.io import write_json_atomic
 from bench.locks import locked_compute, worker_id
 from negmerge import save_state
-
-
-def code_version(module_file: str) -> str:
-    """Hash of the training code: editing it invalidates what it produced, and nothing else."""
-    return hashlib.sha256((Path(__file__).parent / module_file).read_bytes()).hexdigest()[:12]
-
-
-CODE_VERSION = code_version("finetune.py")
 
 
 @dataclass
@@ -50,10 +43,12 @@ class PoolEntry:
 
 
 class CandidatePool:
-    def __init__(self, root: Path, version: str = CODE_VERSION) -> None:
+    def __init__(self, root: Path, version: str | None = None) -> None:
+        """``version``: digest of the code that makes the entries (default: Protocol A's fine-tuning,
+        ``bench.finetune`` and everything it imports)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.version = version
+        self.version = version or code_digest("bench.finetune")
 
     def key(self, spec: dict[str, Any]) -> str:
         blob = json.dumps({**spec, "code_version": self.version}, sort_keys=True, default=str)

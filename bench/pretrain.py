@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.backbones import load_backbone
+from bench.codehash import code_digest
 from bench.config import DataCfg, PretrainCfg
 from bench.data import load_task
 from bench.device import CPU, Runtime
@@ -22,14 +23,13 @@ from bench.integrity import quarantine, safetensors_problem
 from bench.locks import locked_compute
 from negmerge import save_state
 
-CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-
 
 def pretrained_checkpoint(
     model_name: str, cfg: PretrainCfg, data: DataCfg, cache: Path, progress: bool = True, runtime: Runtime = CPU
 ) -> Path:
     """Path of the pretrained checkpoint, training it first if it is not cached."""
-    spec = {"model": model_name, "pretrain": cfg.model_dump(), "split_seed": data.split_seed, "code": CODE_VERSION}
+    spec = {"model": model_name, "pretrain": cfg.model_dump(), "split_seed": data.split_seed}
+    spec["code"] = code_digest("bench.pretrain")
     if runtime.precision != "fp32":
         spec["precision"] = runtime.precision  # fp32 keeps its key: the same bits as before
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,13 +22,14 @@ from torch import nn
 from baselines import get_merge
 from bench.classic_train import logits_of, saliency_mask, train
 from bench.classifiers import build_classifier
+from bench.codehash import code_digest
 from bench.config import ClassicSuite
 from bench.data.classic import forget_indices, load_classic
 from bench.evalcache import EvalCache, vector_id
 from bench.evaluate import per_sample_loss, true_label_prob
 from bench.io import write_json_atomic
 from bench.metrics import loss_attack_auc, mia_efficacy
-from bench.pool import CandidatePool, code_version
+from bench.pool import CandidatePool
 from bench.results import RunRecorder
 from bench.selection import Selection, lambda_grid
 from bench.units import PRODUCE, Unit
@@ -61,7 +62,8 @@ class ClassicRun:
     def __init__(self, cfg: ClassicSuite, out: Path, cache: Path, unit: Unit | None = None) -> None:
         self.cfg, self.out, self.cache, self.unit = cfg, Path(out), Path(cache), unit
         self.rec = RunRecorder(self.out, cfg, selection_rule=cfg.selection.rule)
-        version = code_version("classic_train.py") + ("" if cfg.precision == "fp32" else f"-{cfg.precision}")
+        version = code_digest("bench.classic_train", "bench.classifiers")
+        version += "" if cfg.precision == "fp32" else f"-{cfg.precision}"
         self.models = CandidatePool(self.cache / "classic-models", version)
         self.pool = CandidatePool(self.cache / "classic-pool", version)
         self.evals = EvalCache(
@@ -74,7 +76,7 @@ class ClassicRun:
                 "mia": cfg.mia.model_dump(),
                 "precision": cfg.precision,
             },
-            code_files=("classic_train.py", "classifiers.py", "protocol_classic.py"),
+            code_modules=("bench.classic_train", "bench.classifiers", "bench.protocol_classic"),
         )
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
 

@@ -210,7 +210,7 @@ class ClipRun:
                 "mia": cfg.mia.model_dump(),
                 "precision": cfg.precision,
             },
-            code_files=("evaluate.py", "heads.py", "protocol_clip.py"),
+            code_modules=("bench.evaluate", "bench.heads", "bench.protocol_clip"),
         )
         bname = f"{cfg.backbone.name}/{cfg.backbone.pretrained}"
         self.preprocessed = PreprocessedCache(self.cache / "preprocessed", cfg.data.workers, cfg.progress)

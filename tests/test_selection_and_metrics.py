@@ -64,14 +64,38 @@ def test_loss_attack_auc_definition():
     assert loss_attack_auc(members, nonmembers) == pytest.approx(100 * 8 / 9)
 
 
-def test_merged_vector_identity_covers_merge_code(monkeypatch):
-    """A cached evaluation of a merged vector is keyed by the merge's code: editing the merge
-    (here: pretending its module changed) gives a new identity, so nothing stale is reused."""
+def test_merged_vector_identity_covers_merge_code():
+    """A cached evaluation of a merged vector is keyed by the merge's code, found from its imports:
+    TIES's key covers its module, the top-k cut, the streaming engine and the sources."""
     import bench.evalcache as evalcache
+    from bench.codehash import closure
 
-    before = evalcache.vector_id("negmerge", {"threshold": 1.0}, ["b", "a"])
-    assert before == evalcache.vector_id("negmerge", {"threshold": 1.0}, ["a", "b"])  # member order is irrelevant
-    assert before != evalcache.vector_id("negmerge", {"threshold": 0.8}, ["a", "b"])
+    before = evalcache.vector_id("ties", {"k": 0.2}, ["b", "a"])
+    assert before == evalcache.vector_id("ties", {"k": 0.2}, ["a", "b"])  # member order is irrelevant
+    assert before != evalcache.vector_id("ties", {"k": 0.3}, ["a", "b"])
     assert evalcache.merge_code_hash("single") == ""
-    monkeypatch.setattr(evalcache, "merge_code_hash", lambda method: "edited")
-    assert before != evalcache.vector_id("negmerge", {"threshold": 1.0}, ["a", "b"])
+    names = {f.name for f in closure("baselines.ties")}
+    assert {"ties.py", "topk_cut.py", "streaming.py", "sources.py"} <= names
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [("baselines.ties",), ("bench.finetune",), ("bench.classic_train", "bench.classifiers"), ("bench.pretrain",)],
+)
+def test_editing_any_file_a_producer_imports_changes_its_key(modules):
+    """Every file of the import closure counts: one changed byte in any of them changes the digest."""
+    from bench.codehash import closure, digest
+
+    files = closure(*modules)
+    base = digest(files)
+    for target in files:
+        edited = digest(files, read=lambda f, target=target: f.read_bytes() + (b"#" if f == target else b""))
+        assert edited != base, target
+
+
+def test_protocol_b_model_keys_cover_the_classifiers():
+    """Read in the issue: Protocol B models were keyed on classic_train.py but not classifiers.py."""
+    from bench.codehash import closure
+
+    assert "classifiers.py" in {f.name for f in closure("bench.classic_train", "bench.classifiers")}
+    assert "classifiers.py" in {f.name for f in closure("bench.protocol_classic")}

@@ -25,11 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bench.codehash import code_digest
 from bench.data.files import FileImages, TransformedImages, to_rgb
 from bench.integrity import quarantine
 from bench.locks import locked_compute
-
-CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
 
 
 def uint8_transform(preprocess):
@@ -64,7 +63,8 @@ class PreprocessedCache:
     def images(self, files: FileImages, labels: torch.Tensor, preprocess, desc: str = "") -> torch.Tensor:
         """uint8 (N, 3, S, S), memory-mapped from disk; computed the first time only."""
         transform = uint8_transform(preprocess)
-        spec = {"images": files.key(), "transform": describe(transform), "code": CODE_VERSION}
+        spec = {"images": files.key(), "transform": describe(transform)}
+        spec["code"] = code_digest("bench.data.preprocessed")
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
         path = self.root / f"{key}.npy"
         array, computed = locked_compute(
