@@ -51,10 +51,20 @@ def test_mia_efficacy_hand_case():
 
 
 def test_mia_balances_member_and_nonmember_counts():
-    members = torch.full((500,), 0.99)
-    nonmembers = torch.full((10,), 0.2)
-    # Without balancing, the 50x majority class would swallow everything; balanced it still separates.
-    assert mia_efficacy(members, nonmembers, torch.tensor([0.2]), max_per_class=10) == pytest.approx(100.0)
+    """Overlapping members (many) and non-members (few): unbalanced, the SVC calls everything a member;
+    balanced, it learns the boundary and calls the non-member-like targets non-members."""
+    g = torch.Generator().manual_seed(0)
+    members = (0.6 + 0.15 * torch.randn(2000, generator=g)).clamp(0, 1)
+    nonmembers = (0.4 + 0.15 * torch.randn(40, generator=g)).clamp(0, 1)
+    targets = torch.full((20,), 0.3)
+    balanced = mia_efficacy(members, nonmembers, targets, max_per_class=2000)
+    assert balanced == pytest.approx(100.0)
+    from sklearn.svm import SVC
+
+    x = torch.cat([members, nonmembers]).numpy().reshape(-1, 1)
+    y = [1] * len(members) + [0] * len(nonmembers)
+    unbalanced = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y).predict(targets.numpy().reshape(-1, 1))
+    assert (unbalanced == 1).all()  # what balancing prevents
 
 
 def test_loss_attack_auc_definition():
