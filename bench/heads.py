@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from bench.backbones import Backbone
 from bench.device import CPU, Runtime
-from bench.integrity import quarantine, safetensors_problem
+from bench.integrity import intact_safetensors, quarantine
 from bench.locks import locked_compute
 from negmerge import save_state
 
@@ -61,14 +61,12 @@ def cached_head(
 def _cached_tensor(path: Path, name: str) -> torch.Tensor | None:
     if not path.is_file():
         return None
-    problem = safetensors_problem(path)
-    if problem is None:
-        tensor = load_file(path).get(name)
-        if tensor is not None:
-            return tensor
-        problem = f"it holds no {name!r} tensor"
-    quarantine([path], problem)
-    return None
+    if not intact_safetensors(path):
+        return None
+    tensor = load_file(path).get(name)
+    if tensor is None:
+        quarantine([path], f"it holds no {name!r} tensor")
+    return tensor
 
 
 class ZeroShotClassifier(torch.nn.Module):

@@ -41,6 +41,15 @@ def safetensors_problem(path: Path, size: int | None = None) -> str | None:
     return None
 
 
+def intact_safetensors(path: Path, size: int | None = None, with_files: tuple[Path, ...] = ()) -> bool:
+    """True if ``path`` can be trusted; else it (and ``with_files``, the rest of its entry) is
+    quarantined and the caller recomputes."""
+    problem = safetensors_problem(path, size)
+    if problem:
+        quarantine([*with_files, path], problem)
+    return problem is None
+
+
 def quarantine(paths: list[Path], reason: str) -> Path:
     """Move an entry's files to CACHE/quarantine/KIND/ (beside the entry's own folder) and warn."""
     paths = [Path(p) for p in paths]

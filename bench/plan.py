@@ -48,7 +48,6 @@ class Plan:
     eval_images: int = 0
     flops_per_image: float | None = None
     sizes: dict[str, Sizes] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def total_flops(self) -> float | None:
@@ -190,7 +189,6 @@ def format_plan(plan: Plan, eval_ips: float | None, train_ips: float | None, mea
         lines.append(
             f"estimated time at {eval_ips:,.0f} eval / {train_ips:,.0f} train images/s ({how}): {hours:,.1f} device-hours"
         )
-    lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
 

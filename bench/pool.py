@@ -24,7 +24,7 @@ import torch
 
 from bench.codehash import code_digest
 from bench.finetune import Diverged
-from bench.integrity import file_digest, quarantine, safetensors_problem
+from bench.integrity import file_digest, intact_safetensors, quarantine
 from bench.io import write_json_atomic
 from bench.locks import locked_compute, worker_id
 from negmerge import save_state
@@ -67,11 +67,8 @@ class CandidatePool:
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
                 quarantine([record_path, tensor_path], f"its record is unreadable: {exc}")
                 return None
-            if status == "ok":
-                problem = safetensors_problem(tensor_path, record.get("size"))
-                if problem:
-                    quarantine([record_path, tensor_path], problem)
-                    return None
+            if status == "ok" and not intact_safetensors(tensor_path, record.get("size"), with_files=(record_path,)):
+                return None
             if status == "failed" or tensor_path.is_file():
                 path = tensor_path if status == "ok" else None
                 return PoolEntry(

@@ -19,7 +19,7 @@ from bench.codehash import code_digest
 from bench.config import DataCfg, PretrainCfg
 from bench.data import load_task
 from bench.device import CPU, Runtime
-from bench.integrity import quarantine, safetensors_problem
+from bench.integrity import intact_safetensors
 from bench.locks import locked_compute
 from negmerge import save_state
 
@@ -40,13 +40,7 @@ def pretrained_checkpoint(
 
 
 def _intact(path: Path) -> Path | None:
-    if not path.is_file():
-        return None
-    problem = safetensors_problem(path)
-    if problem:
-        quarantine([path], problem)
-        return None
-    return path
+    return path if path.is_file() and intact_safetensors(path) else None
 
 
 def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, progress: bool, runtime: Runtime) -> Path:

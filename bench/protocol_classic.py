@@ -9,6 +9,7 @@ are re-estimated on Dr (``bn: recalibrate``); the choice is on every result row'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -248,41 +249,13 @@ class ClassicRun:
 
         def make(params=params):
             model = self._model_from(self.original)
+            fit = functools.partial(train, model, d, params=params, progress=cfg.progress, runtime=self.rt)
             if method == "ft":
-                train(
-                    model,
-                    d,
-                    d.train_x[self.dr],
-                    d.train_y[self.dr],
-                    params,
-                    desc="FT",
-                    progress=cfg.progress,
-                    runtime=self.rt,
-                )
+                fit(d.train_x[self.dr], d.train_y[self.dr], desc="FT")
             elif method == "ga":
-                train(
-                    model,
-                    d,
-                    d.train_x[self.df],
-                    d.train_y[self.df],
-                    params,
-                    direction=-1,
-                    desc="GA",
-                    progress=cfg.progress,
-                    runtime=self.rt,
-                )
+                fit(d.train_x[self.df], d.train_y[self.df], direction=-1, desc="GA")
             elif method == "l1_sparse":
-                train(
-                    model,
-                    d,
-                    d.train_x[self.dr],
-                    d.train_y[self.dr],
-                    params,
-                    l1_alpha=extra.get("alpha", 5e-4),
-                    desc="l1-sparse",
-                    progress=cfg.progress,
-                    runtime=self.rt,
-                )
+                fit(d.train_x[self.dr], d.train_y[self.dr], l1_alpha=extra.get("alpha", 5e-4), desc="l1-sparse")
             else:  # rl and salun: Df with random wrong labels, mixed with Dr (as SalUn does)
                 x, y = self._random_label_set(seed, extra.get("retain_fraction", 1.0))
                 mask = None
@@ -290,7 +263,7 @@ class ClassicRun:
                     mask = saliency_mask(
                         model, d, d.train_x[self.df], d.train_y[self.df], extra.get("sparsity", 0.5), runtime=self.rt
                     )
-                train(model, d, x, y, params, grad_mask=mask, desc=method, progress=cfg.progress, runtime=self.rt)
+                fit(x, y, grad_mask=mask, desc=method)
             return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
         entry = self.models.get_or_create(spec, make)

@@ -220,6 +220,7 @@ class ClipRun:
                 self.backbone, self.backbone_id, control.classnames, control.templates, self.cache, self.rt
             )
         floor = cfg.selection.floor
+        prepared: dict[str, TaskData] = {}
         for seed in cfg.seeds:
             for name in cfg.forget:
                 if self.unit is not None and (self.unit.seed, self.unit.dataset) != (seed, name):
@@ -231,7 +232,9 @@ class ClipRun:
                 if self._producing:
                     self._produce(task, head)
                     continue
-                task = self._prepare_eval(task, members=cfg.mia.enabled)
+                if name not in prepared:  # once per dataset: its splits stay resident on the device
+                    prepared[name] = self._prepare_eval(task, members=cfg.mia.enabled)
+                task = prepared[name]
                 row = dict(backbone=bname, dataset=name, seed=seed)
                 with self.rec.timed(f"zero-shot {name}"):
                     zs_forget_val, zs_control_val = self.evals.get_or_compute(
