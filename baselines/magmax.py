@@ -11,7 +11,7 @@ from negmerge.streaming import Where, merge_elementwise
 
 
 def _max_magnitude(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-    """Fold over the candidates in order; ">=" so a tie goes to the later one (DESIGN.md §3).
+    """Fold over the candidates in order; ">=" so a tie goes to the later one (docs/metrics.md#merges).
 
     Float ops only (this torch's comparisons and torch.where are several times slower): ``take`` is
     sign(|t| - |best|) + 1 clamped to 1, i.e. 1.0 where |t| >= |best| and 0.0 elsewhere, and

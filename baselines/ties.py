@@ -1,4 +1,4 @@
-"""TIES-merging (Yadav et al. 2023) as DESIGN.md §3 defines it.
+"""TIES-merging (Yadav et al. 2023) as docs/metrics.md#merges defines it.
 
 1. Trim: each candidate keeps its top-k fraction of entries by |value|, ranked over the whole vector
    (``scope="global"``, the default) or within each tensor (``scope="tensor"``). The cut is the

@@ -1,4 +1,4 @@
-"""Standard image classifiers for Protocol B (DESIGN.md §2).
+"""Standard image classifiers for Protocol B (docs/protocols.md#protocol-b).
 
 - ``resnet18-cifar``: torchvision ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool).
 - ``vgg16-bn``: torchvision VGG-16-BN with a 1x1 pooled head for 32px inputs.

@@ -149,11 +149,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         for path in sorted(SUITES_DIR.glob("*.yaml")):
             print(f"{path.stem:20s} {load_suite(str(path)).description}")
     elif args.what == "methods":
-        from baselines import MERGES
-        from bench.config import CLIP_METHODS
+        from baselines import all_methods
+        from bench.protocols import PROTOCOLS, offered_methods
 
-        print("clip protocol:", ", ".join(CLIP_METHODS))
-        print("merges:", ", ".join(sorted(MERGES)))
+        for method in all_methods():
+            where = ", ".join(p for p in PROTOCOLS if method.name in offered_methods(p))
+            params = ", ".join(method.parameters()) or "-"
+            print(f"{method.name:12s} {method.kind:10s} {method.plain:16s} protocols: {where:14s} params: {params}")
     elif args.what == "datasets":
         from bench.data import DATASETS
 

@@ -3,6 +3,7 @@ out-of-range floor is one clear error naming the field (pydantic does the field 
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 from dataclasses import fields
@@ -10,24 +11,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from bench.errors import BenchError
 from bench.finetune import FinetuneParams
 
 SUITES_DIR = Path(__file__).parent / "suites"
 PARAM_FIELDS = {f.name for f in fields(FinetuneParams)}
-TASK_VECTOR_METHODS = ("single_best", "average", "ties", "magmax", "negmerge")
-CLIP_METHODS = ("zeroshot", *TASK_VECTOR_METHODS, "gradient_ascent")
-
-
-BASELINE_PARAMS = {  # the classic baselines that train a model, and what each reads from baseline_params
-    "ft": (),
-    "ga": (),
-    "rl": ("retain_fraction",),
-    "l1_sparse": ("alpha",),
-    "salun": ("sparsity", "retain_fraction"),
-}
 
 
 def require_known(kind: str, names, known) -> None:
@@ -37,26 +35,65 @@ def require_known(kind: str, names, known) -> None:
             raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
 
 
-def _known_merges(params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Names and values checked now: each merge runs once on a two-element toy pool with the given
-    parameters, so a bad ``k`` or ``threshold`` fails at load, not after the pool is fine-tuned."""
-    import inspect
+def _offered(kind: str, what: str, names, protocol: str) -> None:
+    """Each of ``names`` must be a registered ``kind`` method that ``protocol`` offers; else one line
+    naming it, suggesting close names, or saying what the protocol lacks."""
+    from baselines import all_methods, find_method
+    from bench.protocols import offered_methods
 
-    import torch
+    offered = offered_methods(protocol)
+    choices = [m.name for m in all_methods() if m.name in offered and (kind == "any" or m.kind == kind)]
+    for name in names:
+        method = find_method(name)
+        if method is not None and name in choices:
+            continue
+        if method is not None and (kind == "any" or method.kind == kind):
+            why = f"it needs {', '.join(sorted(method.training.needs))}" if method.kind == "training" else ""
+            raise ValueError(
+                f"{what} {name!r} is not offered by protocol {protocol}{f' ({why})' if why else ''}; "
+                f"offered: {', '.join(choices)}"
+            )
+        close = difflib.get_close_matches(str(name), choices, n=2)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown {what} {name!r}{hint} (known: {', '.join(choices)})")
 
-    from baselines import MERGES
-    from negmerge.errors import MergeInputError
 
-    require_known("merge", params, MERGES)
-    toy = [{"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([3.0, -1.0])}]
-    for name, kwargs in params.items():
-        accepted = [p for p in inspect.signature(MERGES[name]).parameters if p != "task_vectors"]
-        require_known(f"{name} parameter", kwargs, accepted)
-        try:
-            MERGES[name](toy, **kwargs)
-        except (MergeInputError, TypeError, ValueError) as exc:
-            raise ValueError(f"{name}: {exc}") from None
-    return params
+def _method_params(kind: str, what: str, value: dict[str, dict[str, Any]], info: ValidationInfo):
+    """``merge_params`` / ``baseline_params``: known methods of ``kind``, each parameter checked."""
+    from baselines import get_method
+
+    if "protocol" not in info.data:
+        return value  # the protocol itself failed validation, and says so
+    _offered(kind, what, value, info.data["protocol"])
+    for name, params in value.items():
+        get_method(name).check_params(params)
+    return value
+
+
+def _methods(names: list[str] | None, info: ValidationInfo) -> list[str]:
+    """Default: every method the protocol offers, training methods only where ``baselines`` sets them.
+    A training method listed without settings is refused here, before anything runs."""
+    from baselines import get_method
+    from bench.protocols import offered_methods
+
+    protocol, baselines = info.data.get("protocol"), info.data.get("baselines", {})
+    if protocol is None:
+        return names or []
+    if names is None:
+        names = [m for m in offered_methods(protocol) if get_method(m).kind != "training" or m in baselines]
+    if not names:
+        raise ValueError("give at least one method")
+    _offered("any", "method", names, protocol)
+    missing = [m for m in names if get_method(m).kind == "training" and m not in baselines]
+    if missing:
+        raise ValueError(f"method {missing[0]!r} needs settings under baselines.{missing[0]}")
+    return names
+
+
+def _moved_gradient_ascent(raw: Any) -> Any:
+    if isinstance(raw, dict) and "gradient_ascent" in raw:
+        raise ValueError("gradient_ascent: gradient ascent is the method 'ga' now; move its grid to baselines.ga")
+    return raw
 
 
 def _check_points(make_points, what: str = "fine-tuning setting") -> None:
@@ -218,6 +255,13 @@ class AblationCfg(Strict):
     sizes: list[int] = []  # empty: 2 .. K
     draws: int = Field(3, gt=0)
     seed: int = 0
+    method: str = "negmerge"  # the merge whose pool-size dependence is measured
+
+    @field_validator("method")
+    @classmethod
+    def _a_merge(cls, name: str) -> str:
+        _offered("merge", "merge", [name], "clip")
+        return name
 
     @field_validator("sizes")
     @classmethod
@@ -229,7 +273,7 @@ class AblationCfg(Strict):
 
 
 class ClipSuite(RuntimeFields):
-    """Protocol A: CLIP task negation (DESIGN.md §1)."""
+    """Protocol A: CLIP task negation (docs/protocols.md#protocol-a)."""
 
     protocol: Literal["clip"]
     name: str
@@ -243,9 +287,10 @@ class ClipSuite(RuntimeFields):
     data: DataCfg = DataCfg()
     finetune: GridCfg
     finetune_per_dataset: dict[str, dict[str, Any]] = {}
-    gradient_ascent: GridCfg | None = None
-    methods: list[str] = list(CLIP_METHODS)
-    merge_params: dict[str, dict[str, Any]] = {"ties": {"k": 0.2}, "negmerge": {"threshold": 1.0}}
+    baselines: dict[str, GridCfg] = {}  # training-based methods (ga) -> fine-tuning settings, selected on Val
+    baseline_params: dict[str, dict[str, float]] = {}  # per method; unset parameters take its defaults
+    merge_params: dict[str, dict[str, Any]] = {}  # per merge; unset parameters take the merge's defaults
+    methods: list[str] | None = Field(None, validate_default=True)  # default: all offered, with settings
     selection: SelectionCfg = SelectionCfg()
     mia: MiaCfg = MiaCfg()
     eval_batch_size: int = Field(512, gt=0)
@@ -270,16 +315,29 @@ class ClipSuite(RuntimeFields):
         require_known("dataset", [name], DATASETS)
         return name
 
-    @field_validator("methods")
+    _moved = model_validator(mode="before")(_moved_gradient_ascent)
+
+    @field_validator("baselines")
     @classmethod
-    def _methods_known(cls, names: list[str]) -> list[str]:
-        require_known("method", names, CLIP_METHODS)
-        return names
+    def _baselines_offered(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "protocol" in info.data:
+            _offered("training", "baseline", value, info.data["protocol"])
+        return value
+
+    @field_validator("baseline_params")
+    @classmethod
+    def _baseline_params_checked(cls, value: dict[str, dict[str, float]], info: ValidationInfo):
+        return _method_params("training", "baseline", value, info)
 
     @field_validator("merge_params")
     @classmethod
-    def _merge_params_known(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return _known_merges(params)
+    def _merge_params_checked(cls, value: dict[str, dict[str, Any]], info: ValidationInfo):
+        return _method_params("merge", "merge", value, info)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_offered(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
+        return _methods(value, info)
 
     @field_validator("finetune_per_dataset")
     @classmethod
@@ -299,17 +357,11 @@ class ClipSuite(RuntimeFields):
     def _consistency(self) -> ClipSuite:
         if self.backbone.pretrained == "pretrain" and self.pretrain is None:
             raise ValueError("backbone.pretrained is 'pretrain' but the suite has no pretrain section")
-        if "gradient_ascent" in self.methods and self.gradient_ascent is None:
-            raise ValueError("method gradient_ascent needs a gradient_ascent grid")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         for dataset in self.forget:
             _check_points(lambda dataset=dataset: self.finetune.points(0, self.finetune_per_dataset.get(dataset)))
         return self
-
-
-CLASSIC_BASELINES = ("original", "retrain", *BASELINE_PARAMS)
-CLASSIC_METHODS = (*CLASSIC_BASELINES, *TASK_VECTOR_METHODS)
 
 
 class SgdGridCfg(Strict):
@@ -392,7 +444,7 @@ class ClassicMiaCfg(Strict):
 
 
 class ClassicSuite(RuntimeFields):
-    """Protocol B: random-data forgetting on standard classifiers, against Retrain (DESIGN.md §2)."""
+    """Protocol B: random-data forgetting on standard classifiers, against Retrain (docs/protocols.md#protocol-b)."""
 
     protocol: Literal["classic"]
     name: str
@@ -407,48 +459,39 @@ class ClassicSuite(RuntimeFields):
     original_per_seed: bool = False  # one Original for all seeds (it does not depend on Df) or one per seed
     baselines: dict[str, SgdGridCfg] = {}  # ft, ga, rl, l1_sparse, salun -> settings (a grid is selected on Val)
     # l1_sparse.alpha, salun.sparsity, and rl/salun.retain_fraction (share of Dr mixed with the relabelled Df)
-    baseline_params: dict[str, dict[str, float]] = {"l1_sparse": {"alpha": 5e-4}, "salun": {"sparsity": 0.5}}
+    baseline_params: dict[str, dict[str, float]] = {}  # per method; unset parameters take its defaults
     pool: SgdGridCfg  # the task-vector candidates: fine-tune the Original on Df
-    methods: list[str] = list(CLASSIC_METHODS)
-    merge_params: dict[str, dict[str, Any]] = {"ties": {"k": 0.2}, "negmerge": {"threshold": 1.0}}
+    merge_params: dict[str, dict[str, Any]] = {}  # per merge; unset parameters take the merge's defaults
+    methods: list[str] | None = Field(None, validate_default=True)  # default: all offered, with settings
     bn: Literal["keep", "recalibrate"] = "keep"
     selection: ClassicSelectionCfg = ClassicSelectionCfg(lambda_start=0.5, lambda_stop=4.0, lambda_step=0.5)
     mia: ClassicMiaCfg = ClassicMiaCfg()
     progress: bool = True
 
-    @field_validator("methods")
+    @field_validator("baselines")
     @classmethod
-    def _methods_known(cls, names: list[str]) -> list[str]:
-        require_known("method", names, CLASSIC_METHODS)
-        return names
-
-    @field_validator("merge_params")
-    @classmethod
-    def _merge_params_known(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        return _known_merges(params)
+    def _baselines_offered(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "protocol" in info.data:
+            _offered("training", "baseline", value, info.data["protocol"])
+        return value
 
     @field_validator("baseline_params")
     @classmethod
-    def _baseline_params_known(cls, value: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-        require_known("baseline", value, BASELINE_PARAMS)
-        for method, params in value.items():
-            require_known(f"{method} parameter", params, BASELINE_PARAMS[method])
-            fraction = params.get("retain_fraction", 1.0)
-            if not 0.0 < fraction <= 1.0:
-                raise ValueError(f"baseline_params.{method}.retain_fraction must be in (0, 1], got {fraction}")
-        return value
+    def _baseline_params_checked(cls, value: dict[str, dict[str, float]], info: ValidationInfo):
+        return _method_params("training", "baseline", value, info)
 
-    @field_validator("baselines")
+    @field_validator("merge_params")
     @classmethod
-    def _baselines_known(cls, value: dict[str, SgdGridCfg]) -> dict[str, SgdGridCfg]:
-        require_known("baseline", value, BASELINE_PARAMS)
-        return value
+    def _merge_params_checked(cls, value: dict[str, dict[str, Any]], info: ValidationInfo):
+        return _method_params("merge", "merge", value, info)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_offered(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
+        return _methods(value, info)
 
     @model_validator(mode="after")
     def _consistency(self) -> ClassicSuite:
-        missing = [m for m in BASELINE_PARAMS if m in self.methods and m not in self.baselines]
-        if missing:
-            raise ValueError(f"method {missing[0]!r} needs settings under baselines.{missing[0]}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         from bench.data.classic import NUM_CLASSES
@@ -509,9 +552,12 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSui
     for assignment in overrides or []:
         _apply_override(raw, assignment)
     protocol = raw.get("protocol")
-    model = {"clip": ClipSuite, "classic": ClassicSuite}.get(protocol) if isinstance(protocol, str) else None
-    if model is None:
-        raise BenchError(f"{path}: protocol: expected 'clip' or 'classic', got {raw.get('protocol')!r}")
+    from bench.protocols import PROTOCOLS
+
+    spec = PROTOCOLS.get(protocol) if isinstance(protocol, str) else None
+    if spec is None:
+        raise BenchError(f"{path}: protocol: expected one of {', '.join(PROTOCOLS)}, got {raw.get('protocol')!r}")
+    model = spec.load("suite")
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
 from bench.device import CPU, Runtime
+from bench.metrics import per_sample_loss, true_label_prob  # noqa: F401  (re-exported)
 
 
 class Evaluator:
@@ -105,11 +106,3 @@ class Evaluator:
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
-
-
-def true_label_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-
-
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, labels, reduction="none")

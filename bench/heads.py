@@ -1,5 +1,5 @@
 """Zero-shot classification heads: per class, encode every template, L2-normalise, average,
-renormalise (DESIGN.md §1). Built once per (backbone, classes, templates) and cached on disk."""
+renormalise (docs/protocols.md#protocol-a). Built once per (backbone, classes, templates) and cached on disk."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Membership-inference metrics (DESIGN.md §3).
+"""Metric definitions shared by both protocols (docs/metrics.md): membership inference and Avg. Gap.
 
 MIA-efficacy (SalUn): an SVC(C=3, gamma="auto", rbf) is trained on one feature, the softmax
 probability of the true label, to tell members (label 1) from non-members (label 0); the score is the
@@ -11,8 +11,11 @@ Loss-attack AUC: threshold-free ROC AUC of "member" scored by -loss; 50 = no lea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from sklearn.svm import SVC
 
@@ -46,3 +49,43 @@ def loss_attack_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> 
     scores = -np.concatenate([member_loss.numpy(), nonmember_loss.numpy()])
     labels = np.concatenate([np.ones(len(member_loss)), np.zeros(len(nonmember_loss))])
     return 100.0 * float(roc_auc_score(labels, scores))
+
+
+GAP_METRICS = ("retain_acc", "forget_acc", "test_acc", "mia_efficacy")  # the four Avg. Gap is taken over
+
+
+def avg_gap(metrics: Mapping[str, float], retrain: Mapping[str, float]) -> float:
+    """Mean over {Dr, Df, Dtest, MIA-efficacy} of |method - Retrain| (docs/metrics.md#avg-gap)."""
+    return float(np.mean([abs(metrics[m] - retrain[m]) for m in GAP_METRICS]))
+
+
+def true_label_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+Scored = tuple[torch.Tensor, torch.Tensor]  # (logits, labels) of a set of samples
+
+
+def membership_metrics(
+    shadow: Scored, nonmembers: Scored, targets: Scored, exposed: Scored, *, max_per_class: int | None, seed: int
+) -> dict[str, float]:
+    """Both MIA numbers of a model, one definition for both protocols.
+
+    ``mia_efficacy``: the SVC attacker learns members (``shadow``) from ``nonmembers``, then scores
+    ``targets`` (the forget samples it must not recognise). ``mia_auc``: loss attack separating
+    ``exposed`` (samples the model was trained on) from ``nonmembers``.
+    """
+    return {
+        "mia_efficacy": mia_efficacy(
+            true_label_prob(*shadow),
+            true_label_prob(*nonmembers),
+            true_label_prob(*targets),
+            max_per_class=max_per_class,
+            seed=seed,
+        ),
+        "mia_auc": loss_attack_auc(per_sample_loss(*exposed), per_sample_loss(*nonmembers)),
+    }

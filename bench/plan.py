@@ -99,22 +99,27 @@ def plan_clip(cfg, count_flops: bool = True) -> Plan:
     plan = Plan(cfg.name)
     n_lambdas = len(lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step))
     control = plan.sizes[cfg.control] = _sizes(cfg.control, cfg)
-    merges = [m for m in cfg.methods if m in ("average", "ties", "magmax", "negmerge")]
+    from baselines import get_method
+    from bench.units import training_methods
+
+    merges = [m for m in cfg.methods if get_method(m).kind == "merge"]
+    single = any(get_method(m).kind == "single" for m in cfg.methods)
     for name in cfg.forget:
         s = plan.sizes[name] = _sizes(name, cfg)
         val_pass = s.val + control.val
         test_pass = s.test + control.test + (s.train + s.test if cfg.mia.enabled else 0)
         for seed in cfg.seeds:
             points = cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name))
-            ga = cfg.gradient_ascent.points(seed) if "gradient_ascent" in cfg.methods else []
-            for p in [*points, *ga]:
+            trained = [cfg.baselines[m].points(seed) for m in training_methods(cfg)]
+            for p in [*points, *(p for settings in trained for p in settings)]:
                 steps = p.total_steps(s.train)
                 plan.finetune_runs += 1
                 plan.finetune_steps += steps
                 plan.train_images += steps * p.batch_size * p.grad_accum
-            vectors = len(merges) + (len(points) if "single_best" in cfg.methods else 0)
-            reported = len(merges) + ("single_best" in cfg.methods) + 1  # + zero-shot
-            plan.eval_images += val_pass * (1 + vectors * n_lambdas + len(ga)) + test_pass * (reported + bool(ga))
+            vectors = len(merges) + (len(points) if single else 0)
+            reported = len(merges) + single + 1 + len(trained)  # + zero-shot
+            n_trained = sum(len(settings) for settings in trained)
+            plan.eval_images += val_pass * (1 + vectors * n_lambdas + n_trained) + test_pass * reported
             if cfg.ablation is not None and len(points) > 2:
                 sizes = [n for n in (cfg.ablation.sizes or range(2, len(points) + 1)) if 2 <= n <= len(points)]
                 draws = sum(1 if n == len(points) else cfg.ablation.draws for n in sizes)

@@ -1,5 +1,5 @@
 """Contrastive pretraining of a tiny open_clip model, so the offline suites have a backbone with
-real zero-shot ability (DESIGN.md §5): images from offline datasets, captions from their class names
+real zero-shot ability (docs/protocols.md#the-offline-suites): images from offline datasets, captions from their class names
 and templates ("a photo of the digit seven."). The result is an ordinary open_clip checkpoint
 (safetensors), cached by everything that produced it, then loaded like any pretrained weights."""
 

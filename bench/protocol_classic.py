@@ -1,4 +1,4 @@
-"""Protocol B (DESIGN.md §2): forget a random p% of the training data of a standard classifier,
+"""Protocol B (docs/protocols.md#protocol-b): forget a random p% of the training data of a standard classifier,
 measured against Retrain (trained from scratch without it).
 
 Per seed: Df (seeded, saved with the run), Original (all train; cached), Retrain (Dr only; cached),
@@ -9,39 +9,54 @@ are re-estimated on Dr (``bn: recalibrate``); the choice is on every result row'
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from baselines import get_merge
+from baselines import get_merge, get_method
 from bench.classic_train import logits_of, saliency_mask, train
 from bench.classifiers import build_classifier
 from bench.codehash import code_digest
 from bench.config import ClassicSuite
 from bench.data.classic import forget_indices, load_classic
 from bench.evalcache import EvalCache, vector_id
-from bench.evaluate import per_sample_loss, true_label_prob
 from bench.io import write_json_atomic
-from bench.metrics import loss_attack_auc, mia_efficacy
+from bench.metrics import avg_gap, membership_metrics
 from bench.pool import CandidatePool
 from bench.results import RunRecorder
-from bench.selection import Selection, lambda_grid
-from bench.units import PRODUCE, Unit
+from bench.selection import Selection, floor_pick, lambda_grid, lowest
+from bench.units import PRODUCE, Unit, training_methods, uses_pool
 from negmerge import apply, consensus_rate
 
-METRICS = ("retain_acc", "forget_acc", "test_acc", "mia_efficacy")  # the four Avg. Gap is taken over
+Split = tuple[torch.Tensor, torch.Tensor]  # (images, labels)
 
 
-def avg_gap(metrics: Mapping[str, float], retrain: Mapping[str, float]) -> float:
-    """Mean over {Dr, Df, Dtest, MIA-efficacy} of |method - Retrain| (DESIGN.md §2)."""
-    return float(np.mean([abs(metrics[m] - retrain[m]) for m in METRICS]))
+@dataclass(frozen=True)
+class ClassicSets:
+    """Protocol B's data for training-based methods (``baselines.training.UnlearningSets``)."""
+
+    forget: Split
+    retain: Split
+    num_classes: int
+
+    def relabelled(self, split: Split, generator: torch.Generator) -> Split:
+        x, y = split
+        wrong = (y + torch.randint(1, self.num_classes, y.shape, generator=generator)) % self.num_classes
+        return x, wrong
+
+    def subsample(self, split: Split, fraction: float, generator: torch.Generator) -> Split:
+        x, y = split
+        keep = torch.randperm(len(y), generator=generator)[: max(1, round(fraction * len(y)))]
+        return x[keep], y[keep]
+
+    def concat(self, *splits: Split) -> Split:
+        return torch.cat([x for x, _ in splits]), torch.cat([y for _, y in splits])
 
 
 def _state_id(state: Mapping[str, torch.Tensor]) -> str:
@@ -149,39 +164,30 @@ class ClassicRun:
         out["val_acc"] = _acc(logits_of(model, d, d.val_x, runtime=self.rt), d.val_y) if full else out["test_acc"]
         if not full and self.cfg.selection.rule == "floor":
             return out  # the floor rule needs no MIA: skip the attack on every lambda
-        # MIA: members = retain samples, non-members = test samples, counts fixed by config; target = Df.
-        # Selection (full=False) takes its non-members from Val, never from the test split.
+        # MIA: the attacker learns retain members from test non-members (counts fixed by config) and
+        # scores Df. Selection (full=False) takes its non-members from Val, never from the test split.
         m_idx = self.mia_members
         n_idx = self.mia_nonmembers if full else self.mia_val_nonmembers
-        m_logits = logits_of(model, d, d.train_x[m_idx], runtime=self.rt)
-        n_logits = t_logits[n_idx]
-        n_labels = t_y[n_idx]
-        out["mia_efficacy"] = mia_efficacy(
-            true_label_prob(m_logits, d.train_y[m_idx]),
-            true_label_prob(n_logits, n_labels),
-            true_label_prob(f_logits, d.train_y[self.df]),
+        df_scored = (f_logits, d.train_y[self.df])
+        out |= membership_metrics(
+            shadow=(logits_of(model, d, d.train_x[m_idx], runtime=self.rt), d.train_y[m_idx]),
+            nonmembers=(t_logits[n_idx], t_y[n_idx]),
+            targets=df_scored,
+            exposed=df_scored,  # Df was in the Original's training set
             max_per_class=None,
             seed=seed,
-        )
-        # threshold-free: forget samples (members of Original's training) vs test non-members
-        out["mia_auc"] = loss_attack_auc(
-            per_sample_loss(f_logits, d.train_y[self.df]), per_sample_loss(n_logits, n_labels)
         )
         return out
 
     def _select(self, scored: list[tuple[Any, dict[str, float]]]) -> tuple[int | None, str]:
         """Index of the best (model or lambda) by the configured rule, on validation numbers."""
+        metrics = [m for _, m in scored]
         if self.cfg.selection.rule == "avg_gap":
-            gaps = [avg_gap(m, self.retrain_val) for _, m in scored]
-            return int(np.argmin(gaps)), ""
-        minimum = self.cfg.selection.floor * self.original_val["test_acc"]
-        feasible = [(m["forget_acc"], i) for i, (_, m) in enumerate(scored) if m["test_acc"] + 1e-9 >= minimum]
-        if not feasible:
-            return (
-                None,
-                f"no setting keeps Val acc >= {self.cfg.selection.floor} x Original's {self.original_val['test_acc']:.2f}",
-            )
-        return min(feasible)[1], ""
+            return lowest([avg_gap(m, self.retrain_val) for m in metrics]), ""
+        floor, reference = self.cfg.selection.floor, self.original_val["test_acc"]
+        best = floor_pick([m["forget_acc"] for m in metrics], [m["test_acc"] for m in metrics], reference, floor)
+        reason = "" if best is not None else f"no setting keeps Val acc >= {floor} x Original's {reference:.2f}"
+        return best, reason
 
     def _record(
         self,
@@ -236,9 +242,9 @@ class ClassicRun:
         self._record(row, method, candidates[best][0] if best is not None else None, None, reason, seed)
 
     def _baseline_entry(self, method: str, params, seed: int):
-        """One setting of a training-based baseline, trained from the Original (cached)."""
+        """One setting of a training-based method (``baselines``), trained from the Original (cached)."""
         d, cfg = self.data, self.cfg
-        extra = cfg.baseline_params.get(method, {})
+        extra = get_method(method).resolved(cfg.baseline_params.get(method, {}))
         spec = {
             "role": method,
             "original": self.original_key,
@@ -249,41 +255,33 @@ class ClassicRun:
 
         def make(params=params):
             model = self._model_from(self.original)
-            fit = functools.partial(train, model, d, params=params, progress=cfg.progress, runtime=self.rt)
-            if method == "ft":
-                fit(d.train_x[self.dr], d.train_y[self.dr], desc="FT")
-            elif method == "ga":
-                fit(d.train_x[self.df], d.train_y[self.df], direction=-1, desc="GA")
-            elif method == "l1_sparse":
-                fit(d.train_x[self.dr], d.train_y[self.dr], l1_alpha=extra.get("alpha", 5e-4), desc="l1-sparse")
-            else:  # rl and salun: Df with random wrong labels, mixed with Dr (as SalUn does)
-                x, y = self._random_label_set(seed, extra.get("retain_fraction", 1.0))
-                mask = None
-                if method == "salun":
-                    mask = saliency_mask(
-                        model, d, d.train_x[self.df], d.train_y[self.df], extra.get("sparsity", 0.5), runtime=self.rt
-                    )
-                fit(x, y, grad_mask=mask, desc=method)
+            sets = ClassicSets(
+                (d.train_x[self.df], d.train_y[self.df]), (d.train_x[self.dr], d.train_y[self.dr]), d.num_classes
+            )
+            recipe = get_method(method).training(**extra).recipe(sets, seed)
+            mask = None
+            if recipe.saliency_sparsity is not None:
+                forget_x, forget_y = sets.forget
+                mask = saliency_mask(model, d, forget_x, forget_y, recipe.saliency_sparsity, runtime=self.rt)
+            x, y = recipe.data
+            train(
+                model,
+                d,
+                x,
+                y,
+                params,
+                direction=recipe.direction,
+                l1_alpha=recipe.l1_alpha,
+                grad_mask=mask,
+                desc=method,
+                progress=cfg.progress,
+                runtime=self.rt,
+            )
             return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
         entry = self.models.get_or_create(spec, make)
         self.rec.pool_member(entry, method, params.label())
         return entry
-
-    def _random_label_set(self, seed: int, retain_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Df relabelled with a random wrong class, plus a seeded ``retain_fraction`` of Dr with true labels.
-
-        SalUn's RL trains on Df and all of Dr (fraction 1.0, the default): the wrong labels are then a
-        tenth of the data at 10% forgetting, so the model unlearns Df without losing Dr. Mixing in only
-        |Df| retain samples makes half the labels noise and collapses accuracy everywhere.
-        """
-        d = self.data
-        gen = torch.Generator().manual_seed(seed)
-        true = d.train_y[self.df]
-        wrong = (true + torch.randint(1, d.num_classes, true.shape, generator=gen)) % d.num_classes
-        n_retain = max(1, round(retain_fraction * len(self.dr)))
-        keep_dr = self.dr[torch.randperm(len(self.dr), generator=gen)[:n_retain]]
-        return torch.cat([d.train_x[self.df], d.train_x[keep_dr]]), torch.cat([wrong, d.train_y[keep_dr]])
 
     def _pool_entry(self, i: int, params):
         """Candidate ``i`` of the pool: the Original fine-tuned on Df, as a task vector (cached)."""
@@ -318,32 +316,29 @@ class ClassicRun:
         ok = [e for e in entries if e.status == "ok"]
         vectors: dict[str, Any] = {}
         for method in cfg.methods:
-            if method in ("average", "ties", "magmax", "negmerge"):
-                params = cfg.merge_params.get(method, {})
+            if get_method(method).kind == "merge":
+                params = get_method(method).resolved(cfg.merge_params.get(method, {}))
                 merged = get_merge(method)([e.path for e in ok], **params)
                 vectors[method] = (vector_id(method, params, [e.key for e in ok]), merged)
                 self.rec.extra(row, method, "consensus_rate", consensus_rate(merged))
-        singles = [(e.key, load_file(e.path)) for e in ok] if "single_best" in cfg.methods else []
-        best_single: tuple[dict[str, float], Any] | None = None
-        for j, (vid, tau) in enumerate(singles):
-            lam, chosen, val = self._sweep(row, f"candidate:{j}", vid, tau, seed)
-            if chosen is not None and (best_single is None or self._better(val, best_single[0])):
-                best_single = (val, (lam, chosen))
-        if singles:
-            if best_single is None:
-                self._record(row, "single_best", None, None, "no candidate has a feasible lambda", seed)
-            else:
-                lam, chosen = best_single[1]
-                self._record(row, "single_best", chosen, lam, "", seed, at_edge=lam == max(self.lambdas))
+        single = [m for m in cfg.methods if get_method(m).kind == "single"]
+        if single:
+            self._single_best(row, single[0], [(e.key, load_file(e.path)) for e in ok], seed)
         for method, (vid, tau) in vectors.items():
             lam, chosen, _ = self._sweep(row, method, vid, tau, seed)
             edge = lam == max(self.lambdas) if lam is not None else False
             self._record(row, method, chosen, lam, "no feasible lambda", seed, at_edge=edge)
 
-    def _better(self, a: dict[str, float], b: dict[str, float]) -> bool:
-        if self.cfg.selection.rule == "avg_gap":
-            return avg_gap(a, self.retrain_val) < avg_gap(b, self.retrain_val)
-        return a["forget_acc"] < b["forget_acc"]
+    def _single_best(self, row: dict, method: str, singles: list[tuple[str, Any]], seed: int) -> None:
+        """Each candidate swept on its own; the best selected point across candidates, by the same rule."""
+        swept = [self._sweep(row, f"candidate:{j}", vid, tau, seed) for j, (vid, tau) in enumerate(singles)]
+        feasible = [(lam, chosen, val) for lam, chosen, val in swept if chosen is not None]
+        best, _ = self._select([(None, val) for _, _, val in feasible]) if feasible else (None, "")
+        if best is None:
+            self._record(row, method, None, None, "no candidate has a feasible lambda", seed)
+            return
+        lam, chosen, _ = feasible[best]
+        self._record(row, method, chosen, lam, "", seed, at_edge=lam == max(self.lambdas))
 
     def _sweep(self, row: dict, method: str, vid: str, tau, seed: int):
         scored = []
@@ -421,14 +416,14 @@ class ClassicRun:
                 retrain = (f"retrain:{_state_id(retrain_state)}", lambda: self._model_from(retrain_state))
                 self.retrain_metrics = self._evaluate(*retrain, seed)
                 self.retrain_val = self._evaluate(*retrain, seed, full=False)
-            for method in ("original", "retrain"):
-                if method in cfg.methods:
-                    self._record(row, method, original if method == "original" else retrain, None, "", seed)
-            for method in ("ft", "ga", "rl", "l1_sparse", "salun"):
-                if method in cfg.methods:
-                    with self.rec.timed(method):
-                        self._baseline(row, method, seed)
-            if set(cfg.methods) & {"single_best", "average", "ties", "magmax", "negmerge"}:
+            references = {"before": original, "target": retrain}
+            for method in cfg.methods:
+                if get_method(method).kind == "reference":
+                    self._record(row, method, references[get_method(method).role], None, "", seed)
+            for method in training_methods(cfg):
+                with self.rec.timed(method):
+                    self._baseline(row, method, seed)
+            if uses_pool(cfg.methods):
                 with self.rec.timed("task vectors"):
                     self._task_vectors(row, seed)
         self.rec.note(

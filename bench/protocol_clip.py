@@ -1,12 +1,14 @@
-"""Protocol A (DESIGN.md §1): CLIP task negation with a shared candidate pool.
+"""Protocol A (docs/protocols.md#protocol-a): CLIP task negation with a shared candidate pool.
 
-For each seed and forget dataset: zero-shot reference; fine-tune the pool (cached); build every
-method's task vector from the same pool; sweep lambda on Val; select by the control-floor rule; then
-evaluate the test splits once at the chosen lambda, with membership inference.
+For each seed and forget dataset, in stages: zero-shot reference; fine-tune the pool (cached); build
+every merge's task vector from the same pool; sweep lambda on Val and select by the control-floor rule
+(``bench.selection``); evaluate the test splits once at the chosen lambda, with membership inference;
+the pool-size ablation; and the training-based methods (``baselines``), each a grid selected on Val.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,21 +18,22 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from baselines import get_merge
+from baselines import get_merge, get_method
 from bench.backbones import Backbone, load_backbone, visual_state
 from bench.config import ClipSuite
-from bench.data import TaskData, load_task, prepare_eval
+from bench.data import ImageSplit, TaskData, load_task, prepare_eval
 from bench.data.preprocessed import PreprocessedCache
+from bench.errors import BenchError
 from bench.evalcache import EvalCache, vector_id
-from bench.evaluate import Evaluator, per_sample_loss, top1, true_label_prob
+from bench.evaluate import Evaluator, top1
 from bench.finetune import FinetuneParams, finetune
 from bench.heads import cached_head
-from bench.metrics import loss_attack_auc, mia_efficacy
+from bench.metrics import membership_metrics
 from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
-from bench.units import PRODUCE, Unit
+from bench.units import PRODUCE, Unit, training_methods, uses_pool
 from negmerge import consensus_rate, task_vector
 
 
@@ -45,6 +48,39 @@ class Edit:
 Weights = Mapping[str, torch.Tensor] | Edit
 
 
+@dataclass
+class EvalContext:
+    """Everything evaluating one (seed, forget dataset) needs: the stages below take only this."""
+
+    task: TaskData
+    head: torch.Tensor
+    control: TaskData
+    head_c: torch.Tensor
+    seed: int
+    row: dict[str, Any]
+    zs_control_val: float = math.nan  # the floor's reference, set by the zero-shot stage
+
+
+@dataclass(frozen=True)
+class ClipSets:
+    """Protocol A's data for training-based methods: the forget set only (``baselines.training``)."""
+
+    forget: ImageSplit
+
+    @property
+    def retain(self) -> ImageSplit:
+        raise BenchError("Protocol A has no retain set")
+
+    def relabelled(self, split, generator):
+        raise BenchError("Protocol A does not relabel")
+
+    def subsample(self, split, fraction, generator):
+        raise BenchError("Protocol A does not subsample training sets")
+
+    def concat(self, *splits):
+        raise BenchError("Protocol A does not concatenate training sets")
+
+
 class ClipRun:
     """The whole suite, or one work unit of it (``bench.units``: a fine-tune or a sweep)."""
 
@@ -53,6 +89,126 @@ class ClipRun:
         self.rec = RunRecorder(self.out, cfg)
         self.pool = CandidatePool(self.cache / "pool")
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
+
+    # -- evaluation helpers ----------------------------------------------------------------------
+    def _accuracy(self, state: Weights, split_name: str, ctx: EvalContext) -> tuple[float, float]:
+        """(forget, control) top-1 of ``state`` on ``split_name`` (val or test)."""
+        if isinstance(state, Edit):
+            self.ev.load_edit(state.tau, state.coef)
+        else:
+            self.ev.load(state)
+        f_split, c_split = getattr(ctx.task, split_name), getattr(ctx.control, split_name)
+        return (
+            top1(self.ev.logits(f_split, ctx.head), f_split.labels),
+            top1(self.ev.logits(c_split, ctx.head_c), c_split.labels),
+        )
+
+    def _curve(self, vid: str, tau, ctx: EvalContext, desc: str) -> tuple[list[float], list[float]]:
+        """Forget and control Val top-1 of theta_0 - lambda * tau at every lambda (cached)."""
+
+        def compute():
+            forget, ctrl = [], []
+            vector = tau()
+            for lam in tqdm(self.lambdas, desc=desc, leave=False, disable=not self.cfg.progress):
+                f, c = self._accuracy(Edit(vector, -lam), "val", ctx)
+                forget.append(f)
+                ctrl.append(c)
+            return [forget, ctrl]
+
+        what = {"curve": vid, "task": ctx.task.name, "lambdas": self.lambdas}
+        forget, ctrl = self.evals.get_or_compute(what, compute)
+        return forget, ctrl
+
+    def _cached_test(self, vid: str, lam: float, state_fn, ctx: EvalContext) -> dict[str, float]:
+        return self.evals.get_or_compute(
+            {"test": vid, "lam": lam, "task": ctx.task.name, "seed": ctx.seed},
+            lambda: self._test_metrics(state_fn(), ctx),
+        )
+
+    def _test_metrics(self, state, ctx: EvalContext) -> dict[str, float]:
+        forget_test, control_test = self._accuracy(state, "test", ctx)
+        metrics = {"forget_acc": forget_test, "control_acc": control_test}
+        if self.cfg.mia.enabled:
+            # members: the forget set's fine-tuning split, half to train the attacker and half as its
+            # targets; non-members: the forget test split (docs/metrics.md#membership-inference).
+            task = ctx.task
+            member_logits = self.ev.logits(task.train_eval, ctx.head)
+            members = task.train_eval.labels
+            order = torch.randperm(len(members), generator=torch.Generator().manual_seed(ctx.seed))
+            attack, target = order[: len(order) // 2], order[len(order) // 2 :]
+            metrics |= membership_metrics(
+                shadow=(member_logits[attack], members[attack]),
+                nonmembers=(self.ev.logits(task.test, ctx.head), task.test.labels),
+                targets=(member_logits[target], members[target]),
+                exposed=(member_logits, task.train.labels),
+                max_per_class=self.cfg.mia.max_per_class,
+                seed=ctx.seed,
+            )
+        return metrics
+
+    # -- the pool and trained models -------------------------------------------------------------
+    def _candidates(
+        self,
+        points: list[FinetuneParams],
+        task: TaskData,
+        head,
+        tag: str,
+        data: ImageSplit | None = None,
+        direction: int = 1,
+        only: int | None = None,
+    ) -> list[PoolEntry]:
+        """Pool entries: task vectors of fine-tuning on ``data`` (default: the forget set) with each
+        of ``points`` (made now where missing); ``only``: just that one."""
+        data = task.train if data is None else data
+        made_by = {} if tag == "fine-tune" else {"method": tag}  # pool keys predate the registry: unchanged
+        entries = []
+        for i, params in enumerate(points):
+            if only is not None and i != only:
+                continue
+            spec = {
+                "backbone": self.backbone_id,
+                "dataset": task.name,
+                "split": self.cfg.data.load_kwargs(),
+                "n_train": len(data),
+                "params": asdict(params),
+                "direction": direction,
+                "precision": self.cfg.precision,
+                **made_by,
+            }
+
+            def make(params=params, i=i):
+                ft = finetune(
+                    self.backbone,
+                    head,
+                    data,
+                    params,
+                    direction=direction,
+                    desc=f"{tag} {task.name} {i + 1}/{len(points)}",
+                    progress=self.cfg.progress,
+                    grayscale=task.grayscale,
+                    workers=self.cfg.data.workers,
+                    runtime=self.rt,
+                )
+                return task_vector(ft, self.theta0)
+
+            entry = self.pool.get_or_create(spec, make)
+            self.rec.pool_member(entry, tag, params.label())
+            entries.append(entry)
+        return entries
+
+    def _pool(self, seed: int, task: TaskData, head, only: int | None = None) -> list[PoolEntry]:
+        points = self.cfg.finetune.points(seed, self.cfg.finetune_per_dataset.get(task.name))
+        return self._candidates(points, task, head, "fine-tune", only=only)
+
+    def _method_models(self, method: str, seed: int, task: TaskData, head, only: int | None = None):
+        """A training-based method's settings, each trained from theta_0 as its recipe says."""
+        recipe = (
+            get_method(method).training(**self._params(method, "baseline_params")).recipe(ClipSets(task.train), seed)
+        )
+        if recipe.l1_alpha or recipe.saliency_sparsity is not None:
+            raise BenchError(f"{method}: Protocol A's fine-tuning has no l1 penalty or saliency mask")
+        points = self.cfg.baselines[method].points(seed)
+        return self._candidates(points, task, head, method, recipe.data, recipe.direction, only)
 
     # -- setup -----------------------------------------------------------------------------------
     def _backbone(self) -> Backbone:
@@ -72,97 +228,6 @@ class ClipRun:
         with self.rec.timed("load backbone"):
             return load_backbone(self.cfg.backbone.name, pretrained)
 
-    # -- evaluation helpers ----------------------------------------------------------------------
-    def _accuracy(self, state: Weights, split_name: str, task: TaskData, head, control, head_c):
-        if isinstance(state, Edit):
-            self.ev.load_edit(state.tau, state.coef)
-        else:
-            self.ev.load(state)
-        f_split, c_split = getattr(task, split_name), getattr(control, split_name)
-        return (
-            top1(self.ev.logits(f_split, head), f_split.labels),
-            top1(self.ev.logits(c_split, head_c), c_split.labels),
-        )
-
-    def _curve(self, vid: str, tau, task, head, control, head_c, desc: str) -> tuple[list[float], list[float]]:
-        def compute():
-            forget, ctrl = [], []
-            vector = tau()
-            for lam in tqdm(self.lambdas, desc=desc, leave=False, disable=not self.cfg.progress):
-                f, c = self._accuracy(Edit(vector, -lam), "val", task, head, control, head_c)
-                forget.append(f)
-                ctrl.append(c)
-            return [forget, ctrl]
-
-        forget, ctrl = self.evals.get_or_compute({"curve": vid, "task": task.name, "lambdas": self.lambdas}, compute)
-        return forget, ctrl
-
-    def _cached_test(self, vid: str, lam: float, state_fn, task, head, control, head_c, seed: int) -> dict[str, float]:
-        return self.evals.get_or_compute(
-            {"test": vid, "lam": lam, "task": task.name, "seed": seed},
-            lambda: self._test_metrics(state_fn(), task, head, control, head_c, seed),
-        )
-
-    def _test_metrics(self, state, task: TaskData, head, control, head_c, seed: int) -> dict[str, float]:
-        forget_test, control_test = self._accuracy(state, "test", task, head, control, head_c)
-        metrics = {"forget_acc": forget_test, "control_acc": control_test}
-        if self.cfg.mia.enabled:
-            # members: the forget set's fine-tuning split; non-members: its test split (DESIGN.md §3).
-            member_logits = self.ev.logits(task.train_eval, head)
-            nonmember_logits = self.ev.logits(task.test, head)
-            m_prob = true_label_prob(member_logits, task.train_eval.labels)
-            n_prob = true_label_prob(nonmember_logits, task.test.labels)
-            order = torch.randperm(len(m_prob), generator=torch.Generator().manual_seed(seed))
-            attack_half, target_half = order[: len(order) // 2], order[len(order) // 2 :]
-            metrics["mia_efficacy"] = mia_efficacy(
-                m_prob[attack_half], n_prob, m_prob[target_half], max_per_class=self.cfg.mia.max_per_class, seed=seed
-            )
-            metrics["mia_auc"] = loss_attack_auc(
-                per_sample_loss(member_logits, task.train.labels), per_sample_loss(nonmember_logits, task.test.labels)
-            )
-        return metrics
-
-    # -- the pool --------------------------------------------------------------------------------
-    def _candidates(
-        self, points: list[FinetuneParams], task: TaskData, head, direction: int, tag: str, only: int | None = None
-    ) -> list[PoolEntry]:
-        """The pool entries of ``points`` (fine-tuned now where missing); ``only``: just that one."""
-        entries = []
-        for i, params in enumerate(points):
-            if only is not None and i != only:
-                continue
-            spec = {
-                "backbone": self.backbone_id,
-                "dataset": task.name,
-                "split": self.cfg.data.load_kwargs(),
-                "n_train": len(task.train),
-                "params": asdict(params),
-                "direction": direction,
-                "precision": self.cfg.precision,
-            }
-
-            def make(params=params, i=i):
-                desc = f"{tag} {task.name} {i + 1}/{len(points)}"
-                ft = finetune(
-                    self.backbone,
-                    head,
-                    task.train,
-                    params,
-                    direction=direction,
-                    desc=desc,
-                    progress=self.cfg.progress,
-                    grayscale=task.grayscale,
-                    workers=self.cfg.data.workers,
-                    runtime=self.rt,
-                )
-                return task_vector(ft, self.theta0)
-
-            entry = self.pool.get_or_create(spec, make)
-            self.rec.pool_member(entry, tag, params.label())
-            entries.append(entry)
-        return entries
-
-    # -- main ------------------------------------------------------------------------------------
     def _load_tasks(self) -> tuple[TaskData | None, dict[str, TaskData]]:
         """Index every dataset first: a bad root or a split that cannot be made fails before any work.
         A unit loads only its own dataset (and the control, if it evaluates)."""
@@ -181,16 +246,8 @@ class ClipRun:
         with self.rec.timed(f"preprocess {task.name}"):
             return prepare_eval(task, self.backbone.preprocess, self.preprocessed, members=members)
 
-    def _produce(self, task: TaskData, head) -> None:
-        """A fine-tune or gradient-ascent unit: one candidate into the pool."""
-        unit = self.unit
-        if unit.kind == "finetune":
-            points = self.cfg.finetune.points(unit.seed, self.cfg.finetune_per_dataset.get(task.name))
-            self._candidates(points, task, head, +1, "fine-tune", only=unit.index)
-        else:
-            self._candidates(self.cfg.gradient_ascent.points(unit.seed), task, head, -1, "grad-ascent", only=unit.index)
-
-    def run(self) -> RunRecorder:
+    def _setup(self) -> dict[str, TaskData]:
+        """Runtime, datasets, backbone, evaluator and caches; returns the forget tasks."""
         cfg = self.cfg
         torch.set_num_threads(cfg.threads)
         self.rt = cfg.runtime()  # an unavailable device fails here, before any work
@@ -212,141 +269,148 @@ class ClipRun:
             },
             code_modules=("bench.evaluate", "bench.heads", "bench.protocol_clip"),
         )
-        bname = f"{cfg.backbone.name}/{cfg.backbone.pretrained}"
         self.preprocessed = PreprocessedCache(self.cache / "preprocessed", cfg.data.workers, cfg.progress)
         if not self._producing:
-            control = self._prepare_eval(control, members=False)
-            head_c = cached_head(
-                self.backbone, self.backbone_id, control.classnames, control.templates, self.cache, self.rt
-            )
-        floor = cfg.selection.floor
+            self.control = self._prepare_eval(control, members=False)
+            self.head_c = self._head(self.control)
+        return tasks
+
+    def _params(self, method: str, section: str) -> dict[str, Any]:
+        """A method's parameters from ``merge_params`` / ``baseline_params``, defaults filled in."""
+        return get_method(method).resolved(getattr(self.cfg, section).get(method, {}))
+
+    def _head(self, task: TaskData):
+        return cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache, self.rt)
+
+    # -- main ------------------------------------------------------------------------------------
+    def run(self) -> RunRecorder:
+        tasks = self._setup()
         prepared: dict[str, TaskData] = {}
-        for seed in cfg.seeds:
-            for name in cfg.forget:
+        for seed in self.cfg.seeds:
+            for name in self.cfg.forget:
                 if self.unit is not None and (self.unit.seed, self.unit.dataset) != (seed, name):
                     continue
-                task = tasks[name]
-                head = cached_head(
-                    self.backbone, self.backbone_id, task.classnames, task.templates, self.cache, self.rt
-                )
+                head = self._head(tasks[name])
                 if self._producing:
-                    self._produce(task, head)
+                    self._produce(tasks[name], head)
                     continue
                 if name not in prepared:  # once per dataset: its splits stay resident on the device
-                    prepared[name] = self._prepare_eval(task, members=cfg.mia.enabled)
-                task = prepared[name]
-                row = dict(backbone=bname, dataset=name, seed=seed)
-                with self.rec.timed(f"zero-shot {name}"):
-                    zs_forget_val, zs_control_val = self.evals.get_or_compute(
-                        {"zero-shot val": task.name},
-                        lambda: self._accuracy(self.theta0, "val", task, head, control, head_c),
-                    )
-                    zs_test = self._cached_test(
-                        "zero-shot", 0.0, lambda: self.theta0, task, head, control, head_c, seed
-                    )
-                if "zeroshot" in cfg.methods:
-                    self.rec.result(
-                        row, "zeroshot", Selection(0.0, zs_forget_val, zs_control_val, False), zs_test, floor
-                    )
-                if not set(cfg.methods) - {"zeroshot", "gradient_ascent"}:
-                    entries = []
-                else:
-                    with self.rec.timed(f"pool {name} seed {seed}"):
-                        entries = self._candidates(
-                            cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name)), task, head, +1, "fine-tune"
-                        )
-                ok = [e for e in entries if e.status == "ok"]
-                if entries and not ok:
-                    self.rec.note(f"{name} seed {seed}: every candidate failed; no task-vector method can run")
-                    continue
-                vectors: dict[str, Any] = {}
-                for method in cfg.methods:
-                    if method in ("zeroshot", "single_best", "gradient_ascent"):
-                        continue
-                    with self.rec.timed(f"merge {method} {name}"):
-                        merged = get_merge(method)([e.path for e in ok], **cfg.merge_params.get(method, {}))
-                    vid = vector_id(method, cfg.merge_params.get(method, {}), [e.key for e in ok])
-                    vectors[method] = (vid, merged)
-                    self.rec.extra(row, method, "consensus_rate", consensus_rate(merged))
-                with self.rec.timed(f"lambda sweep {name} seed {seed}"):
-                    if "single_best" in cfg.methods:
-                        singles = []
-                        for j, entry in enumerate(ok):
-
-                            def tau(entry=entry):
-                                return load_file(entry.path)
-
-                            fv, cv = self._curve(
-                                entry.key, tau, task, head, control, head_c, f"lambda candidate {j + 1}"
-                            )
-                            self.rec.curve(row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
-                            singles.append((select_lambda(self.lambdas, fv, cv, zs_control_val, floor), tau))
-                        best = best_single([s for s, _ in singles])
-                        if best is None:
-                            self.rec.result(row, "single_best", singles[0][0], {}, floor)
-                        else:
-                            sel, tau = singles[best]
-                            test = self._cached_test(
-                                ok[best].key,
-                                sel.lam,
-                                lambda: Edit(tau(), -sel.lam),
-                                task,
-                                head,
-                                control,
-                                head_c,
-                                seed,
-                            )
-                            self.rec.result(row, "single_best", sel, test, floor, chosen=ok[best].key)
-                    for method, (vid, merged) in vectors.items():
-                        fv, cv = self._curve(
-                            vid, lambda merged=merged: merged, task, head, control, head_c, f"lambda {method}"
-                        )
-                        self.rec.curve(row, method, self.lambdas, fv, cv)
-                        sel = select_lambda(self.lambdas, fv, cv, zs_control_val, floor)
-                        test = (
-                            self._cached_test(
-                                vid,
-                                sel.lam,
-                                lambda: Edit(merged, -sel.lam),
-                                task,
-                                head,
-                                control,
-                                head_c,
-                                seed,
-                            )
-                            if sel.feasible
-                            else {}
-                        )
-                        self.rec.result(row, method, sel, test, floor)
-                if cfg.ablation is not None and len(ok) > 2:
-                    with self.rec.timed(f"pool-size ablation {name} seed {seed}"):
-                        self._ablation(row, ok, task, head, control, head_c, zs_control_val)
-                if "gradient_ascent" in cfg.methods:
-                    with self.rec.timed(f"gradient ascent {name} seed {seed}"):
-                        self._gradient_ascent(row, task, head, control, head_c, zs_control_val, seed)
+                    prepared[name] = self._prepare_eval(tasks[name], members=self.cfg.mia.enabled)
+                row = dict(backbone=f"{self.cfg.backbone.name}/{self.cfg.backbone.pretrained}", dataset=name, seed=seed)
+                self._evaluate_task(EvalContext(prepared[name], head, self.control, self.head_c, seed, row))
         self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
         if self.preprocessed.built:
             self.rec.note(f"preprocessed {self.preprocessed.built} file-backed splits into the cache")
         self.rec.finish()
         return self.rec
 
-    def _ablation(self, row, ok: list[PoolEntry], task, head, control, head_c, zs_control_val: float) -> None:
-        """NegMerge over random subsets of the pool: consensus rate and forgetting against N."""
+    def _produce(self, task: TaskData, head) -> None:
+        """A fine-tune or training-method unit: one model into the pool."""
+        unit = self.unit
+        if unit.kind == "finetune":
+            self._pool(unit.seed, task, head, only=unit.index)
+        else:
+            self._method_models(unit.method, unit.seed, task, head, only=unit.index)
+
+    def _evaluate_task(self, ctx: EvalContext) -> None:
+        """Every stage for one (seed, forget dataset)."""
+        cfg, name, seed = self.cfg, ctx.task.name, ctx.seed
+        with self.rec.timed(f"zero-shot {name}"):
+            self._zero_shot(ctx)
+        if uses_pool(cfg.methods):
+            with self.rec.timed(f"pool {name} seed {seed}"):
+                ok = [e for e in self._pool(seed, ctx.task, ctx.head) if e.status == "ok"]
+            if not ok:
+                self.rec.note(f"{name} seed {seed}: every candidate failed; no task-vector method can run")
+                return
+            vectors = self._merges(ctx, ok)
+            with self.rec.timed(f"lambda sweep {name} seed {seed}"):
+                self._single_best(ctx, ok)
+                self._sweep_merges(ctx, vectors)
+            if cfg.ablation is not None and len(ok) > 2:
+                with self.rec.timed(f"pool-size ablation {name} seed {seed}"):
+                    self._ablation(ctx, ok)
+        for method in training_methods(cfg):
+            with self.rec.timed(f"{method} {name} seed {seed}"):
+                self._training_method(ctx, method)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _zero_shot(self, ctx: EvalContext) -> None:
+        forget_val, ctx.zs_control_val = self.evals.get_or_compute(
+            {"zero-shot val": ctx.task.name}, lambda: self._accuracy(self.theta0, "val", ctx)
+        )
+        test = self._cached_test("zero-shot", 0.0, lambda: self.theta0, ctx)
+        for method in self.cfg.methods:
+            if get_method(method).kind == "reference":
+                sel = Selection(0.0, forget_val, ctx.zs_control_val, False)
+                self.rec.result(ctx.row, method, sel, test, self.cfg.selection.floor)
+
+    def _merges(self, ctx: EvalContext, ok: list[PoolEntry]) -> dict[str, tuple[str, Any]]:
+        """Every merge method's vector from the same pool: method -> (vector id, vector)."""
+        vectors: dict[str, Any] = {}
+        for method in self.cfg.methods:
+            if get_method(method).kind != "merge":
+                continue
+            params = self._params(method, "merge_params")
+            with self.rec.timed(f"merge {method} {ctx.task.name}"):
+                merged = get_merge(method)([e.path for e in ok], **params)
+            vectors[method] = (vector_id(method, params, [e.key for e in ok]), merged)
+            self.rec.extra(ctx.row, method, "consensus_rate", consensus_rate(merged))
+        return vectors
+
+    def _select(self, ctx: EvalContext, forget: list[float], control: list[float], lambdas=None) -> Selection:
+        lambdas = self.lambdas if lambdas is None else lambdas
+        return select_lambda(lambdas, forget, control, ctx.zs_control_val, self.cfg.selection.floor)
+
+    def _single_best(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
+        """Each candidate swept on its own; reported: the candidate whose selected point forgets most."""
+        methods = [m for m in self.cfg.methods if get_method(m).kind == "single"]
+        if not methods:
+            return
+        singles = []
+        for j, entry in enumerate(ok):
+
+            def tau(entry=entry):
+                return load_file(entry.path)
+
+            fv, cv = self._curve(entry.key, tau, ctx, f"lambda candidate {j + 1}")
+            self.rec.curve(ctx.row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
+            singles.append((self._select(ctx, fv, cv), tau))
+        best = best_single([s for s, _ in singles])
+        if best is None:
+            self.rec.result(ctx.row, methods[0], singles[0][0], {}, self.cfg.selection.floor)
+            return
+        sel, tau = singles[best]
+        test = self._cached_test(ok[best].key, sel.lam, lambda: Edit(tau(), -sel.lam), ctx)
+        self.rec.result(ctx.row, methods[0], sel, test, self.cfg.selection.floor, chosen=ok[best].key)
+
+    def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
+        for method, (vid, merged) in vectors.items():
+            fv, cv = self._curve(vid, lambda merged=merged: merged, ctx, f"lambda {method}")
+            self.rec.curve(ctx.row, method, self.lambdas, fv, cv)
+            sel = self._select(ctx, fv, cv)
+            test = self._cached_test(vid, sel.lam, lambda: Edit(merged, -sel.lam), ctx) if sel.feasible else {}
+            self.rec.result(ctx.row, method, sel, test, self.cfg.selection.floor)
+
+    def _ablation(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
+        """A merge (NegMerge by default) over random subsets of the pool: consensus rate and forgetting
+        against the pool size N."""
         import random
 
-        params = self.cfg.merge_params.get("negmerge", {})
+        method = self.cfg.ablation.method
+        params = self._params(method, "merge_params")
         sizes = self.cfg.ablation.sizes or list(range(2, len(ok) + 1))
         rng = random.Random(self.cfg.ablation.seed)
         for n in sorted(s for s in sizes if 2 <= s <= len(ok)):
             for draw in range(1 if n == len(ok) else self.cfg.ablation.draws):
                 members = sorted(rng.sample(ok, n), key=lambda e: e.key)
-                merged = get_merge("negmerge")([e.path for e in members], **params)
-                vid = vector_id("negmerge", params, [e.key for e in members])
-                fv, cv = self._curve(vid, lambda merged=merged: merged, task, head, control, head_c, f"ablation N={n}")
-                sel = select_lambda(self.lambdas, fv, cv, zs_control_val, self.cfg.selection.floor)
+                merged = get_merge(method)([e.path for e in members], **params)
+                vid = vector_id(method, params, [e.key for e in members])
+                fv, cv = self._curve(vid, lambda merged=merged: merged, ctx, f"ablation N={n}")
+                sel = self._select(ctx, fv, cv)
                 self.rec.ablation.append(
                     {
-                        **row,
+                        **ctx.row,
                         "n": n,
                         "draw": draw,
                         "consensus_rate": consensus_rate(merged),
@@ -356,36 +420,22 @@ class ClipRun:
                     }
                 )
 
-    def _gradient_ascent(self, row, task, head, control, head_c, zs_control_val: float, seed: int) -> None:
-        entries = [
-            e
-            for e in self._candidates(self.cfg.gradient_ascent.points(seed), task, head, -1, "grad-ascent")
-            if e.status == "ok"
-        ]
+    def _training_method(self, ctx: EvalContext, method: str) -> None:
+        """A training-based method: every setting's model scored on Val, the floor rule picks one."""
+        entries = [e for e in self._method_models(method, ctx.seed, ctx.task, ctx.head) if e.status == "ok"]
         selections = []
         for entry in entries:
             fv, cv = self.evals.get_or_compute(
-                {"ga val": entry.key, "task": task.name},
-                lambda entry=entry: self._accuracy(
-                    Edit(load_file(entry.path), 1.0), "val", task, head, control, head_c
-                ),
+                {"trained val": entry.key, "task": ctx.task.name},
+                lambda entry=entry: self._accuracy(Edit(load_file(entry.path), 1.0), "val", ctx),
             )
-            sel = select_lambda([1.0], [fv], [cv], zs_control_val, self.cfg.selection.floor)
-            selections.append(replace(sel, at_grid_edge=False))  # a fine-tuned model, not a point of a grid
+            sel = self._select(ctx, [fv], [cv], lambdas=[1.0])
+            selections.append(replace(sel, at_grid_edge=False))  # a trained model, not a point of a grid
         best = best_single(selections) if selections else None
         if best is None:
-            sel = Selection(None, None, None, False, "no gradient-ascent setting keeps the control floor")
-            self.rec.result(row, "gradient_ascent", sel, {}, self.cfg.selection.floor)
+            sel = Selection(None, None, None, False, f"no {method} setting keeps the control floor")
+            self.rec.result(ctx.row, method, sel, {}, self.cfg.selection.floor)
             return
-        sel = selections[best]
-        test = self._cached_test(
-            entries[best].key,
-            1.0,
-            lambda: Edit(load_file(entries[best].path), 1.0),
-            task,
-            head,
-            control,
-            head_c,
-            seed,
-        )
-        self.rec.result(row, "gradient_ascent", sel, test, self.cfg.selection.floor, chosen=entries[best].key)
+        chosen = entries[best]
+        test = self._cached_test(chosen.key, 1.0, lambda: Edit(load_file(chosen.path), 1.0), ctx)
+        self.rec.result(ctx.row, method, selections[best], test, self.cfg.selection.floor, chosen=chosen.key)

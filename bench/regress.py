@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.report import load_run
+from bench.report import kind, load_run
 
-REFERENCE_METHODS = {"zeroshot", "original", "retrain"}
 WORSE_IF = {
     "clip": {"forget_acc": +1, "control_acc": -1},
     "classic": {"avg_gap": +1, "retain_acc": -1, "test_acc": -1},
@@ -40,7 +39,8 @@ def compare(run_dir: Path, ref_dir: Path, abs_tol: float = 2.0, sigmas: float = 
     rows = []
     for key, r in a.iterrows():
         dataset, method, metric = key
-        judged = metric in worse_if or method in REFERENCE_METHODS
+        reference = kind(method) == "reference"
+        judged = metric in worse_if or reference
         if not judged:
             continue
         tol = max(abs_tol, sigmas * r["std"]) if r["n"] > 1 and not np.isnan(r["std"]) else abs_tol
@@ -48,7 +48,7 @@ def compare(run_dir: Path, ref_dir: Path, abs_tol: float = 2.0, sigmas: float = 
             rows.append((dataset, method, metric, r["mean"], np.nan, np.nan, tol, "MISSING"))
             continue
         delta = b.loc[key, "mean"] - r["mean"]
-        if method in REFERENCE_METHODS:
+        if reference:
             status = "REGRESSION (reference moved)" if abs(delta) > tol else "ok"
         elif metric in worse_if and delta * worse_if[metric] > tol:
             status = "REGRESSION"

@@ -8,6 +8,8 @@ booktabs, best entry bold), figures as PDF and PNG (matplotlib), and summary.md.
 from __future__ import annotations
 
 import json
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -22,44 +24,60 @@ from bench.io import write_atomic, write_text_atomic  # noqa: E402
 from bench.results import RESULT_COLUMNS  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
 
-NAMES = {
-    "zeroshot": "Zero-shot",
-    "original": "Original",
-    "retrain": "Retrain",
-    "ft": "FT",
-    "ga": "GA",
-    "rl": "RL",
-    "l1_sparse": r"$\ell_1$-sparse",
-    "salun": "SalUn",
-    "gradient_ascent": "Gradient ascent",
-    "single_best": "Single best TA",
-    "average": "Uniform merge",
-    "ties": "TIES",
-    "magmax": "MagMax",
-    "negmerge": "NegMerge",
-}
-ORDER = list(NAMES)
-PLAIN = {k: v.replace(r"$\ell_1$", "l1") for k, v in NAMES.items()}
-COLORS = {
-    "zeroshot": "black",
-    "original": "black",
-    "retrain": "0.45",
-    "ft": "tab:cyan",
-    "ga": "tab:olive",
-    "rl": "tab:pink",
-    "l1_sparse": "#7f7f00",
-    "salun": "#17becf",
-    "gradient_ascent": "tab:brown",
-    "single_best": "tab:purple",
-    "average": "tab:blue",
-    "ties": "tab:orange",
-    "magmax": "tab:green",
-    "negmerge": "tab:red",
-}
+FALLBACK_COLOURS = ("tab:gray", "tab:brown", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
+
+
+def _method(name: str):
+    """The registry entry of ``name``; a run can hold a method this checkout does not register (made
+    by another version, or registered by a plugin): it is drawn with its name and a stable colour."""
+    from baselines import Method, find_method
+
+    found = find_method(name)
+    if found is not None:
+        return found
+    colour = FALLBACK_COLOURS[zlib.crc32(name.encode()) % len(FALLBACK_COLOURS)]
+    return Method(name, "single", name.replace("_", r"\_"), colour)
+
+
+def display(name: str) -> str:
+    return _method(name).display
+
+
+def plain(name: str) -> str:
+    return _method(name).plain if find_registered(name) else name
+
+
+def colour(name: str) -> str:
+    return _method(name).colour
+
+
+def find_registered(name: str) -> bool:
+    from baselines import find_method
+
+    return find_method(name) is not None
+
+
+def kind(name: str) -> str:
+    return _method(name).kind if find_registered(name) else "unregistered"
+
+
+def marker(name: str, default: str = "o") -> str:
+    return "*" if _method(name).emphasis else default
+
+
+def references(role: str) -> list[str]:
+    """Registered reference rows with ``role`` (before: zero-shot / Original; target: Retrain)."""
+    from baselines import all_methods
+
+    return [m.name for m in all_methods("reference") if m.role == role]
 
 
 def _ordered(methods) -> list[str]:
-    return sorted(methods, key=lambda m: ORDER.index(m) if m in ORDER else len(ORDER))
+    """Registry order (references, training methods, single best, merges); unregistered names last."""
+    from baselines import all_methods
+
+    order = [m.name for m in all_methods()]
+    return sorted(methods, key=lambda m: order.index(m) if m in order else len(order))
 
 
 def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -115,12 +133,12 @@ def clip_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def clip_latex(table: pd.DataFrame, manifest: dict) -> str:
-    shown = table.rename(index=NAMES).rename(
+    shown = table.rename(index=display).rename(
         columns={"forget_acc": r"$D_f\downarrow$", "control_acc": r"$D_r$"}, level=1
     )
     forget_cols = [c for c in shown.columns if c[1] == r"$D_f\downarrow$"]
     control_cols = [c for c in shown.columns if c[1] == r"$D_r$"]
-    candidates = [NAMES[m] for m in table.index if m != "zeroshot"]  # the reference row is never "best"
+    candidates = [display(m) for m in table.index if kind(m) != "reference"]  # a reference is never "best"
     mask = pd.DataFrame(False, index=shown.index, columns=shown.columns)
     for col in forget_cols:
         mask.loc[shown.loc[candidates, col].idxmin(), col] = True
@@ -144,7 +162,12 @@ def clip_latex(table: pd.DataFrame, manifest: dict) -> str:
 
 
 def clip_figures(
-    results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: float, ablation: pd.DataFrame | None
+    results: pd.DataFrame,
+    curves: pd.DataFrame,
+    out: Path,
+    floor: float,
+    ablation: pd.DataFrame | None,
+    ablation_method: str = "negmerge",
 ) -> list[Path]:
     paths: list[Path] = []
     test = results[results.split == "test"]
@@ -157,10 +180,10 @@ def clip_figures(
             ax.scatter(
                 sub.loc[m, "control_acc"],
                 sub.loc[m, "forget_acc"],
-                color=COLORS[m],
+                color=colour(m),
                 s=50,
-                label=PLAIN[m],
-                marker="*" if m == "negmerge" else "o",
+                label=plain(m),
+                marker=marker(m),
                 edgecolor="k",
                 linewidth=0.5,
             )
@@ -173,13 +196,13 @@ def clip_figures(
     if not curves.empty:
         merges = [m for m in _ordered(curves.method.unique()) if not m.startswith("candidate:")]
         fig, axes = plt.subplots(len(datasets), 2, figsize=(10, 3.2 * len(datasets)), squeeze=False)
-        zs = results[(results.method == "zeroshot") & (results.split == "val")]
+        zs = results[(results.method.isin(references("before"))) & (results.split == "val")]
         for row, ds in zip(axes, datasets):
             c = curves[(curves.dataset == ds) & (curves.seed == curves.seed.min())]
             for m in merges:
                 cm = c[c.method == m]
-                row[0].plot(cm.lam, cm.forget_val, color=COLORS[m], label=PLAIN[m], marker=".")
-                row[1].plot(cm.lam, cm.control_val, color=COLORS[m], label=PLAIN[m], marker=".")
+                row[0].plot(cm.lam, cm.forget_val, color=colour(m), label=plain(m), marker=".")
+                row[1].plot(cm.lam, cm.control_val, color=colour(m), label=plain(m), marker=".")
             zc = zs[(zs.dataset == ds) & (zs.metric == "control_acc")].value
             if len(zc):
                 row[1].axhline(floor * zc.iloc[0], color="k", ls="--", lw=1, label=f"floor ({floor} x zero-shot)")
@@ -194,7 +217,7 @@ def clip_figures(
     paths += _bars(test, "forget_acc", "forget accuracy (%), test", out, "per_dataset_forget")
     # 4. pool-size ablation
     if ablation is not None and not ablation.empty:
-        paths += _ablation_figure(ablation, out)
+        paths += _ablation_figure(ablation, out, ablation_method)
     return paths
 
 
@@ -205,7 +228,7 @@ def _sensitivity(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: 
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
         c = curves[(curves.dataset == ds) & (curves.seed == curves.seed.min())]
-        ref = val[(val.dataset == ds) & (val.method.isin(["zeroshot", "original"])) & (val.metric == ref_metric)].value
+        ref = val[(val.dataset == ds) & (val.method.isin(references("before"))) & (val.metric == ref_metric)].value
         if ref.empty:
             continue
         singles = []
@@ -217,10 +240,10 @@ def _sensitivity(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floor: 
             singles.append(sel.forget_val if sel.feasible else np.nan)
         ax.bar(range(len(singles)), singles, color="0.7", label="single candidates")
         shown = [v for v in singles if np.isfinite(v)]
-        for m in ("average", "ties", "magmax", "negmerge"):
+        for m in [m for m in _ordered(val.method.unique()) if kind(m) == "merge"]:
             v = val[(val.dataset == ds) & (val.method == m) & (val.metric == "forget_acc")].value
             if len(v):
-                ax.axhline(v.mean(), color=COLORS[m], lw=2, ls="-" if m == "negmerge" else "--", label=PLAIN[m])
+                ax.axhline(v.mean(), color=colour(m), lw=2, ls="-" if marker(m) == "*" else "--", label=plain(m))
                 shown.append(v.mean())
         if shown:  # zoom to the values: the spread between settings is the point of this figure
             low, high = min(shown), max(shown)
@@ -245,7 +268,7 @@ def _bars(test: pd.DataFrame, metric: str, ylabel: str, out: Path, stem: str) ->
     x = np.arange(len(mean))
     for i, m in enumerate(methods):
         err = std[m].fillna(0).values if std is not None else None
-        ax.bar(x + i * width, mean[m].values, width, yerr=err, color=COLORS[m], label=PLAIN[m], capsize=2)
+        ax.bar(x + i * width, mean[m].values, width, yerr=err, color=colour(m), label=plain(m), capsize=2)
     ax.set_xticks(x + 0.4 - width / 2, mean.index)
     ax.set(ylabel=ylabel)
     ax.legend(fontsize=7, ncol=2)
@@ -253,7 +276,7 @@ def _bars(test: pd.DataFrame, metric: str, ylabel: str, out: Path, stem: str) ->
     return _save(fig, out, stem)
 
 
-def _ablation_figure(ablation: pd.DataFrame, out: Path) -> list[Path]:
+def _ablation_figure(ablation: pd.DataFrame, out: Path, method: str) -> list[Path]:
     datasets = sorted(ablation.dataset.unique())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ds in datasets:
@@ -265,12 +288,12 @@ def _ablation_figure(ablation: pd.DataFrame, out: Path) -> list[Path]:
     axes[0].set(
         xlabel="number of merged candidates N",
         ylabel="consensus rate (% of elements kept)",
-        title="NegMerge consensus vs. pool size",
+        title=f"{plain(method)} consensus vs. pool size",
     )
     axes[1].set(
         xlabel="number of merged candidates N",
         ylabel="forget accuracy (%), Val, selected lambda",
-        title="NegMerge forgetting vs. pool size",
+        title=f"{plain(method)} forgetting vs. pool size",
     )
     for ax in axes:
         ax.grid(alpha=0.3)
@@ -307,11 +330,11 @@ def classic_table(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd
     )
 
 
-def _row_labels(seeds: pd.Series, total: int, names: dict[str, str]) -> dict[str, str]:
+def _row_labels(seeds: pd.Series, total: int, names: Callable[[str], str]) -> dict[str, str]:
     """Method names, marked where the mean covers fewer seeds than the run had."""
     labels = {}
     for method, n in seeds.items():
-        name = names.get(method, method)
+        name = names(method)
         if n == 0:
             name += " (no feasible setting)"
         elif n < total:
@@ -328,16 +351,17 @@ def _mean_pm_std(mean: pd.DataFrame, std: pd.DataFrame, pm: str) -> pd.DataFrame
 def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict) -> str:
     cfg = manifest["config"]
     cells = _mean_pm_std(mean, std, r" $\pm$ ")
-    rivals = [m for m in mean.index if m not in ("retrain", "original")]
+    rivals = [m for m in mean.index if kind(m) != "reference"]
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
-    if "retrain" in mean.index and rivals:
+    target = next((m for m in references("target") if m in mean.index), None)
+    if target is not None and rivals:
         for col in mean.columns:
             closeness = (
-                mean.loc[rivals, col] if col == "avg_gap" else (mean.loc[rivals, col] - mean.loc["retrain", col]).abs()
+                mean.loc[rivals, col] if col == "avg_gap" else (mean.loc[rivals, col] - mean.loc[target, col]).abs()
             )
             if closeness.notna().any():
                 mask.loc[closeness.idxmin(), col] = True
-    labels = _row_labels(seeds, len(cfg["seeds"]), NAMES)
+    labels = _row_labels(seeds, len(cfg["seeds"]), display)
     shown = cells.rename(index=labels, columns=CLASSIC_COLS)
     mask = mask.rename(index=labels, columns=CLASSIC_COLS)
     forget = cfg["forget"]
@@ -370,13 +394,13 @@ def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floo
     std = std.loc[mean.index]
     if "avg_gap" in mean:
         fig, ax = plt.subplots(figsize=(7, 3.6))
-        gap = mean["avg_gap"].drop(["retrain"], errors="ignore")
+        gap = mean["avg_gap"].drop(references("target"), errors="ignore")
         ax.bar(
-            [PLAIN[m] for m in gap.index],
+            [plain(m) for m in gap.index],
             gap.values,
             yerr=std.loc[gap.index, "avg_gap"].values,
             capsize=3,
-            color=[COLORS[m] for m in gap.index],
+            color=[colour(m) for m in gap.index],
         )
         ax.set(ylabel="Avg. Gap to Retrain (points, lower is better)", title="Distance to Retrain")
         ax.tick_params(axis="x", rotation=45)
@@ -389,9 +413,9 @@ def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floo
                 mean.loc[m, "forget_acc"],
                 xerr=std.loc[m, "test_acc"],
                 yerr=std.loc[m, "forget_acc"],
-                fmt="*" if m == "negmerge" else "o",
-                color=COLORS[m],
-                label=PLAIN[m],
+                fmt=marker(m),
+                color=colour(m),
+                label=plain(m),
             )
         ax.set(xlabel="test accuracy (%)", ylabel="forget-set accuracy (%)", title="Forgetting vs. utility")
         ax.legend(fontsize=7)
@@ -403,9 +427,9 @@ def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floo
         c = curves[curves.seed == curves.seed.min()]
         for m in merges:
             cm = c[c.method == m]
-            axes[0].plot(cm.lam, cm.forget_val, marker=".", color=COLORS[m], label=PLAIN[m])
-            axes[1].plot(cm.lam, cm.control_val, marker=".", color=COLORS[m], label=PLAIN[m])
-        retrain = test[(test.method == "retrain") & (test.metric == "forget_acc")].value.mean()
+            axes[0].plot(cm.lam, cm.forget_val, marker=".", color=colour(m), label=plain(m))
+            axes[1].plot(cm.lam, cm.control_val, marker=".", color=colour(m), label=plain(m))
+        retrain = test[(test.method.isin(references("target"))) & (test.metric == "forget_acc")].value.mean()
         axes[0].axhline(retrain, color="k", ls=":", label="Retrain (test)")
         axes[0].set(xlabel="lambda", ylabel="forget-set accuracy (%)", title="Df accuracy vs lambda")
         axes[1].set(xlabel="lambda", ylabel="validation accuracy (%)", title="Val accuracy vs lambda")
@@ -447,15 +471,16 @@ def build_report(run_dir: Path) -> list[Path]:
         table = clip_table(results)
         written.append(write_text_atomic(out / "table.tex", clip_latex(table, manifest)))
         ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
-        written += clip_figures(results, curves, out, floor, ablation)
-        md = table.rename(index=PLAIN).round(2)
+        ablated = (cfg.get("ablation") or {}).get("method", "negmerge")  # runs before the option: NegMerge
+        written += clip_figures(results, curves, out, floor, ablation, ablated)
+        md = table.rename(index=plain).round(2)
         md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
         table_md = md.to_markdown()
     else:
         mean, std, seeds = classic_table(results)
         written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest)))
         written += classic_figures(results, curves, out, floor)
-        cells = _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, len(cfg["seeds"]), PLAIN))
+        cells = _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, len(cfg["seeds"]), plain))
         table_md = cells.to_markdown()
     written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
     return written

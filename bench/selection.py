@@ -1,6 +1,11 @@
-"""lambda selection (DESIGN.md §1): among grid points whose control Val top-1 >= floor x the zero-shot
-control Val top-1, the lowest forget Val top-1; ties go to the smaller lambda; none feasible is an
-explicit outcome, never a silent fallback."""
+"""Selection, for both protocols (docs/metrics.md#selection). Everything is chosen on validation
+numbers, never on test data.
+
+The floor rule: among the points (lambdas of a sweep, settings of a trained method, candidates of the
+pool) whose control Val top-1 >= floor x the reference's, the lowest forget Val top-1; ties go to the
+first point (the smaller lambda); none feasible is an explicit outcome, never a silent fallback.
+The avg-gap rule (Protocol B): the lowest Avg. Gap to Retrain on Val; ties go to the first point.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,21 @@ def lambda_grid(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 10) for i in range(n + 1)]
 
 
+def lowest(values: Sequence[float | None]) -> int | None:
+    """Index of the smallest value, ignoring None; ties go to the first; None when all are None."""
+    best: int | None = None
+    for i, value in enumerate(values):
+        if value is not None and (best is None or value < values[best] - 1e-12):
+            best = i
+    return best
+
+
+def floor_pick(forget: Sequence[float], control: Sequence[float], reference: float, floor: float) -> int | None:
+    """The floor rule: the lowest ``forget`` among points whose ``control`` >= floor x ``reference``."""
+    minimum = floor * reference
+    return lowest([f if c + 1e-9 >= minimum else None for f, c in zip(forget, control)])
+
+
 def select_lambda(
     lambdas: Sequence[float],
     forget_val: Sequence[float],
@@ -38,13 +58,9 @@ def select_lambda(
 ) -> Selection:
     if not (len(lambdas) == len(forget_val) == len(control_val)) or not lambdas:
         raise ValueError("lambdas, forget_val and control_val must be non-empty and of equal length")
-    minimum = floor * control_zero_shot
-    best: int | None = None
-    for i in sorted(range(len(lambdas)), key=lambda j: lambdas[j]):
-        if control_val[i] + 1e-9 < minimum:
-            continue
-        if best is None or forget_val[i] < forget_val[best] - 1e-12:
-            best = i
+    order = sorted(range(len(lambdas)), key=lambda j: lambdas[j])
+    pick = floor_pick([forget_val[j] for j in order], [control_val[j] for j in order], control_zero_shot, floor)
+    best = None if pick is None else order[pick]
     if best is None:
         return Selection(None, None, None, False, f"no lambda keeps control Val >= {floor} x {control_zero_shot:.2f}")
     return Selection(
@@ -54,8 +70,7 @@ def select_lambda(
 
 def best_single(selections: Sequence[Selection]) -> int | None:
     """Index of the candidate whose selected point has the lowest forget Val (feasible only; ties: first)."""
-    feasible = [(s.forget_val, i) for i, s in enumerate(selections) if s.feasible]
-    return min(feasible)[1] if feasible else None
+    return lowest([s.forget_val for s in selections])
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

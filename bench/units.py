@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-PRODUCE = ("finetune", "grad-ascent", "original", "retrain", "baseline", "candidate")  # make one cache entry
+PRODUCE = ("finetune", "original", "retrain", "baseline", "candidate")  # make one cache entry
 
 
 @dataclass(frozen=True)
 class Unit:
-    kind: str  # finetune | grad-ascent | sweep (A); original | retrain | baseline | candidate | family (B)
+    kind: str  # finetune | baseline | sweep (A); original | retrain | baseline | candidate | family (B)
     seed: int
     dataset: str | None = None  # Protocol A's forget dataset
     method: str | None = None  # Protocol B's baseline
@@ -49,36 +49,49 @@ class Unit:
 
 def plan_units(cfg) -> list[list[Unit]]:
     """The phases of a suite's units (each a list of independent units)."""
-    from bench.config import ClipSuite
+    from bench.protocols import PROTOCOLS
 
-    return _clip_units(cfg) if isinstance(cfg, ClipSuite) else _classic_units(cfg)
+    return PROTOCOLS[cfg.protocol].load("units")(cfg)
 
 
-def _clip_units(cfg) -> list[list[Unit]]:
+def uses_pool(methods: list[str]) -> bool:
+    """Whether any of ``methods`` is built from the candidate pool (single best or a merge)."""
+    from baselines import TASK_VECTOR_KINDS, get_method
+
+    return any(get_method(m).kind in TASK_VECTOR_KINDS for m in methods)
+
+
+def training_methods(cfg) -> list[str]:
+    """The suite's training-based methods, in the order it lists them."""
+    from baselines import get_method
+
+    return [m for m in cfg.methods if get_method(m).kind == "training"]
+
+
+def clip_units(cfg) -> list[list[Unit]]:
     produce, sweeps = [], []
-    only_reference = not set(cfg.methods) - {"zeroshot", "gradient_ascent"}
     for seed in cfg.seeds:
         for dataset in cfg.forget:
-            if not only_reference:
+            if uses_pool(cfg.methods):
                 n = len(cfg.finetune.points(seed, cfg.finetune_per_dataset.get(dataset)))
                 produce += [Unit("finetune", seed, dataset, index=j) for j in range(n)]
-            if "gradient_ascent" in cfg.methods:
-                produce += [
-                    Unit("grad-ascent", seed, dataset, index=j) for j in range(len(cfg.gradient_ascent.points(seed)))
-                ]
+            for method in training_methods(cfg):
+                n = len(cfg.baselines[method].points(seed))
+                produce += [Unit("baseline", seed, dataset, method=method, index=j) for j in range(n)]
             sweeps.append(Unit("sweep", seed, dataset))
     return [phase for phase in (produce, sweeps) if phase]
 
 
-def _classic_units(cfg) -> list[list[Unit]]:
+def classic_units(cfg) -> list[list[Unit]]:
     originals = [Unit("original", seed) for seed in (cfg.seeds if cfg.original_per_seed else cfg.seeds[:1])]
     first = originals + [Unit("retrain", seed) for seed in cfg.seeds]
     second = []
     for seed in cfg.seeds:
-        for method, grid in cfg.baselines.items():
-            if method in cfg.methods:
-                second += [Unit("baseline", seed, method=method, index=j) for j in range(len(grid.points(seed)))]
-        if set(cfg.methods) & {"single_best", "average", "ties", "magmax", "negmerge"}:
+        for method in training_methods(cfg):
+            second += [
+                Unit("baseline", seed, method=method, index=j) for j in range(len(cfg.baselines[method].points(seed)))
+            ]
+        if uses_pool(cfg.methods):
             second += [Unit("candidate", seed, index=j) for j in range(len(cfg.pool.points(seed)))]
     family = [Unit("family", seed) for seed in cfg.seeds]
     return [phase for phase in (first, second, family) if phase]
@@ -90,7 +103,8 @@ def describe_plan(phases: list[list[Unit]]) -> str:
     for i, phase in enumerate(phases, start=1):
         counts: dict[str, int] = {}
         for unit in phase:
-            counts[unit.kind] = counts.get(unit.kind, 0) + 1
+            key = unit.method if unit.kind == "baseline" else unit.kind  # name the training method
+            counts[key] = counts.get(key, 0) + 1
         kinds = ", ".join(f"{n} {kind}" for kind, n in counts.items())
         lines.append(f"phase {i}: {len(phase)} units ({kinds})")
     total = sum(len(p) for p in phases)

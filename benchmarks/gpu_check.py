@@ -21,7 +21,7 @@ REDUCED = [
     "--set", "data={train_limit: 256, eval_limit: 256}",
     "--set", "finetune.grid={steps: [5, 10]}",
     "--set", "finetune.base={lr: 0.00001, batch_size: 64, warmup_steps: 2}",
-    "--set", "gradient_ascent.grid={steps: [2], lr: [0.00001]}",
+    "--set", "baselines.ga.grid={steps: [2], lr: [0.00001]}",
     "--set", "selection.lambda_step=0.25",
     "--set", "eval_batch_size=256",
 ]  # fmt: skip

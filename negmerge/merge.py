@@ -1,4 +1,4 @@
-"""NegMerge's sign-consensus merge (DESIGN.md §3).
+"""NegMerge's sign-consensus merge (docs/metrics.md#merges).
 
 Released rule (threshold 1.0): an element is kept iff every candidate is strictly positive there, or
 every one strictly negative (an exact zero in any candidate drops it); its value is the mean over all

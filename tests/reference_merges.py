@@ -1,4 +1,4 @@
-"""Literal numpy transcriptions of DESIGN.md §3, written for clarity, not speed: the oracle the
+"""Literal numpy transcriptions of docs/metrics.md#merges, written for clarity, not speed: the oracle the
 streaming implementations are checked against. Inputs are flattened whole vectors (K x N)."""
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def test_local_executor_runs_one_job_per_unit_and_assembles_the_same_results(tin
     assert main([*argv, "--array-parallelism", "2"]) == 0
     states = unit_status(out)
     kinds = [s["unit"].split("-")[0] for s in states]
-    assert kinds.count("finetune") == 4 and kinds.count("grad") == 1 and kinds.count("sweep") == 1
+    assert kinds.count("finetune") == 4 and kinds.count("baseline") == 1 and kinds.count("sweep") == 1
     assert {s["state"] for s in states} == {"done"}
     jobs = [d for d in (out / "cluster-logs").iterdir() if d.is_dir() and d.name != "%j"]  # %j: submitit's own
     assert len(jobs) == 4 + 1 + 1  # fine-tuning runs (gradient ascent included) + sweep units
@@ -172,7 +172,7 @@ def test_status_names_done_running_killed_and_missing_units(tmp_path, capsys):
 def test_status_of_a_suite_prints_its_job_layout(capsys):
     assert main(["status", "clip-vit-b32"]) == 0
     out = capsys.readouterr().out
-    assert "phase 1: 312 units (240 finetune, 72 grad-ascent)" in out and "phase 2: 8 units (8 sweep)" in out
+    assert "phase 1: 312 units (240 finetune, 72 ga)" in out and "phase 2: 8 units (8 sweep)" in out
 
 
 def test_no_wait_needs_slurm(tmp_path, capsys):

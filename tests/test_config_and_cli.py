@@ -9,6 +9,12 @@ from bench.config import load_suite
 from bench.errors import BenchError
 
 
+def test_training_method_without_settings_is_refused():
+    with pytest.raises(BenchError, match="method 'ga' needs settings under baselines.ga"):
+        load_suite("mini-clip", ["baselines={}", "methods=[zeroshot,ga]"])
+    assert "ga" not in load_suite("mini-clip", ["baselines={}"]).methods  # the default skips it
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -21,7 +27,15 @@ from bench.errors import BenchError
         ("finetune.grid={learning_rate: [1]}", "unknown hyperparameter 'learning_rate'"),
         ("selection.floor=0", "selection.floor: Value error, floor must be in (0, 1]"),
         ("selection.floor=1.5", "selection.floor: Value error, floor must be in (0, 1]"),
-        ("merge_params={tie: {k: 0.2}}", "merge_params: Value error, unknown merge 'tie'"),
+        ("merge_params={tie: {k: 0.2}}", "merge_params: Value error, unknown merge 'tie'; did you mean 'ties'?"),
+        ("methods=[negmerg]", "methods: Value error, unknown method 'negmerg'; did you mean 'negmerge'?"),
+        ("methods=[zeroshot,rl]", "method 'rl' is not offered by protocol clip (it needs forget, relabel, retain)"),
+        ("methods=[retrain]", "method 'retrain' is not offered by protocol clip; offered: zeroshot, ga,"),
+        ("baselines={salun: {grid: {lr: [0.1]}}}", "baselines: Value error, baseline 'salun' is not offered by"),
+        (
+            "gradient_ascent={grid: {lr: [0.1]}}",
+            "gradient ascent is the method 'ga' now; move its grid to baselines.ga",
+        ),
     ],
 )
 def test_bad_config_names_the_field(override, message):
@@ -90,10 +104,13 @@ def test_list(capsys, what):
             "baseline_params.rl.retain_fracton=0.5",
             "baseline_params: Value error, unknown rl parameter 'retain_fracton'",
         ),
-        ("baseline_params.salun.retain_fraction=0", "baseline_params.salun.retain_fraction must be in (0, 1]"),
+        (
+            "baseline_params.salun.retain_fraction=0",
+            "baseline_params: Value error, salun.retain_fraction must be in (0, 1]",
+        ),
         ("selection.rule=closest", "selection.rule: Input should be 'floor' or 'avg_gap'"),
         ("forget={mode: class}", "forget.classes: class-wise forgetting needs at least one class"),
-        ("protocol=other", "protocol: expected 'clip' or 'classic'"),
+        ("protocol=other", "protocol: expected one of clip, classic"),
     ],
 )
 def test_bad_classic_config_names_the_field(override, message):

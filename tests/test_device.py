@@ -79,7 +79,7 @@ def test_plan_counts_the_paper_setting(capsys):
     out = capsys.readouterr().out
     assert "fine-tuning runs: 312 (" in out  # 30 candidates + 9 gradient-ascent settings, x 8 datasets
     assert "GFLOP per image forward" in out and "device-hours" in out
-    assert "phase 1: 312 units (240 finetune, 72 grad-ascent)" in out
+    assert "phase 1: 312 units (240 finetune, 72 ga)" in out
 
 
 @pytest.mark.integration
@@ -92,7 +92,7 @@ def test_bf16_on_cpu_runs_the_reduced_suite_end_to_end(tiny_backbone, tmp_path, 
     assert main([*argv, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
     assert main([*argv, "--out", str(tmp_path / "fp32")]) == 0
     results = {p: pd.read_csv(tmp_path / p / "results.csv") for p in ("bf16", "fp32")}
-    methods = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "gradient_ascent"}
+    methods = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"}
     assert set(results["bf16"].method) == methods
     lams = {p: r[r.split == "val"].groupby("method").lam.first() for p, r in results.items()}
     moved = lams["bf16"].compare(lams["fp32"])

@@ -1,4 +1,4 @@
-"""Every merge against its DESIGN.md definition on random inputs with exact zeros and mixed signs."""
+"""Every merge against its definition in docs/metrics.md on random inputs with exact zeros and mixed signs."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_half_precision_in_same_dtype_out(name, dtype):
     pool32 = [{"a": torch.randn(64), "b": torch.randn(4, 8)} for _ in range(3)]
     pool = [{k: v.to(dtype) for k, v in tv.items()} for tv in pool32]
     merged = get_merge(name)(pool)
-    # the oracle: DESIGN.md's definition in float64 numpy on the same half-precision values
+    # the oracle: the docs/metrics.md definition in float64 numpy on the same half-precision values
     import numpy as np
 
     from tests import reference_merges as refs

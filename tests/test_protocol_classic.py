@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.protocol_classic import METRICS, avg_gap
+from bench.metrics import GAP_METRICS as METRICS
+from bench.metrics import avg_gap
 from tests.latex import assert_compiles
 
 ALL_METHODS = {

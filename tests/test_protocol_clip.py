@@ -17,7 +17,7 @@ import pytest
 from bench.cli import main
 
 pytestmark = pytest.mark.integration
-ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "gradient_ascent"}
+ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"}
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +144,9 @@ def test_real_backbone_code_path_with_random_vit_b32(cache, tmp_path):
                 "--set",
                 "finetune.base={lr: 0.00001, batch_size: 4, warmup_steps: 1}",
                 "--set",
-                "gradient_ascent.grid={steps: [1], lr: [0.00001]}",
+                "baselines.ga.grid={steps: [1], lr: [0.00001]}",
                 "--set",
-                "gradient_ascent.base={batch_size: 4}",
+                "baselines.ga.base={batch_size: 4}",
                 "--set",
                 "selection.lambda_step=0.5",
                 "--set",

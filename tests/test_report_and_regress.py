@@ -13,7 +13,7 @@ from bench.regress import compare, is_regression
 from bench.results import RESULT_COLUMNS
 from tests.latex import assert_compiles
 
-METHODS = ["zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "gradient_ascent"]
+METHODS = ["zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"]
 
 
 def synthetic_run(root: Path, seeds=(0, 1, 2), shift: dict | None = None) -> Path:
@@ -43,7 +43,7 @@ def synthetic_run(root: Path, seeds=(0, 1, 2), shift: dict | None = None) -> Pat
                                 selection_rule="control-floor",
                             )
                         )
-                if m not in ("zeroshot", "gradient_ascent"):
+                if m not in ("zeroshot", "ga"):
                     for lam in (0.0, 0.5, 1.0):
                         curves.append(
                             dict(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from bench.metrics import loss_attack_auc, mia_efficacy
-from bench.selection import best_single, lambda_grid, select_lambda
+from bench.metrics import loss_attack_auc, membership_metrics, mia_efficacy
+from bench.selection import best_single, floor_pick, lambda_grid, lowest, select_lambda
 
 
 def test_grid_is_inclusive_and_clean():
@@ -109,3 +111,35 @@ def test_protocol_b_model_keys_cover_the_classifiers():
 
     assert "classifiers.py" in {f.name for f in closure("bench.classic_train", "bench.classifiers")}
     assert "classifiers.py" in {f.name for f in closure("bench.protocol_classic")}
+
+
+accuracies = st.lists(st.integers(0, 20).map(lambda v: v * 5.0), min_size=1, max_size=12)
+
+
+@given(accuracies, accuracies, st.floats(0.1, 1.0))
+def test_floor_pick_is_the_definition(forget, control, floor):
+    """The one floor rule both protocols use, against its definition written out by brute force."""
+    n = min(len(forget), len(control))
+    forget, control = forget[:n], control[:n]
+    reference = max(control)
+    feasible = [i for i in range(n) if control[i] >= floor * reference]
+    expected = min(feasible, key=lambda i: (forget[i], i)) if feasible else None
+    assert floor_pick(forget, control, reference, floor) == expected
+
+
+def test_lowest_ignores_missing_and_prefers_the_first():
+    assert lowest([None, 3.0, 1.0, 1.0]) == 2
+    assert lowest([None, None]) is None
+
+
+def test_membership_metrics_combine_both_attacks():
+    """A model that is sure on members and unsure on non-members: targets drawn like members look like
+    members (efficacy 0), and the loss attack separates members perfectly (AUC 100)."""
+    gen = torch.Generator().manual_seed(0)
+    sure = torch.tensor([[8.0, 0.0]]).repeat(40, 1) + 0.1 * torch.randn(40, 2, generator=gen)
+    unsure = torch.tensor([[0.2, 0.0]]).repeat(40, 1) + 0.1 * torch.randn(40, 2, generator=gen)
+    labels = torch.zeros(40, dtype=torch.long)
+    out = membership_metrics(
+        (sure, labels), (unsure, labels), (sure, labels), (sure, labels), max_per_class=None, seed=0
+    )
+    assert out == {"mia_efficacy": 0.0, "mia_auc": 100.0}

@@ -1,6 +1,6 @@
 """One registry of datasets, offline and real, each giving train / Val / test splits.
 
-Val is a seeded random fraction of the official train split (DESIGN.md §1: 10%, at most 5,000,
+Val is a seeded random fraction of the official train split (docs/protocols.md#protocol-a: 10%, at most 5,000,
 seed 0); fine-tuning uses the rest of train; reported numbers use the official test split. For
 ImageNet as control this makes Val 5,000 seeded images of ImageNet train (the task-vector
 literature's ImageNetVal) and test the official val split.
