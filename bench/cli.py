@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg = sub.add_parser("regress", help="compare a run with reference results; exit 1 on regression")
     reg.add_argument("run_dir")
     reg.add_argument("--against", required=True, help="reference run folder, e.g. results/mini-clip")
-    reg.add_argument("--abs-tol", type=float, default=2.0, help="minimum tolerance in points (default 2.0)")
-    reg.add_argument("--sigmas", type=float, default=3.0, help="tolerance in reference seed std units (default 3)")
+    reg.add_argument(
+        "--abs-tol", type=float, default=None, help="minimum tolerance in points for every metric (default: per metric)"
+    )
+    reg.add_argument("--sigmas", type=float, default=3.0, help="tolerance in units of seed noise (default 3)")
     reg.add_argument("--all", action="store_true", help="print every checked metric, not only those that moved")
     reg.set_defaults(fn=cmd_regress)
     pl = sub.add_parser("plan", help="the work a suite implies, its FLOPs and an estimated time, before running it")

@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 from bench.errors import BenchError  # noqa: E402
 from bench.io import write_atomic, write_text_atomic  # noqa: E402
 from bench.results import RESULT_COLUMNS  # noqa: E402
+from bench.sanity import classic_sanity  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
 
 FALLBACK_COLOURS = ("tab:gray", "tab:brown", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
@@ -452,6 +453,8 @@ def markdown_summary(results: pd.DataFrame, manifest: dict, table_md: str) -> st
             lines.append(
                 f"- warning: {r['dataset']} seed {r['seed']} {r['method']}: lambda {r['lam']} is at the grid's edge"
             )
+    if cfg["protocol"] == "classic":
+        lines += [f"- warning: {problem}" for problem in classic_sanity(results)]
     for note in manifest.get("notes", []):
         lines.append(f"- {note}")
     git = manifest.get("git", {})
