@@ -4,6 +4,9 @@
 - ``vgg16-bn``: torchvision VGG-16-BN with a 1x1 pooled head for 32px inputs.
 - ``small-resnet``: a 3-stage (16/32/64) pre-activation-free ResNet for 28px offline data (seconds
   per epoch on 2 cores).
+- ``mlp``: fully connected layers (default 512, 512) with BatchNorm for small offline images: the
+  capacity to memorise a few thousand training images in seconds per epoch on one core, so an
+  offline Protocol B has something to forget (an Original at 100% on Df, a Retrain at test accuracy).
 """
 
 from __future__ import annotations
@@ -69,18 +72,47 @@ def vgg16_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return model
 
 
+class MLP(nn.Module):
+    """Flatten, then (Linear, BatchNorm, ReLU) per hidden width, then the class layer."""
+
+    def __init__(
+        self, num_classes: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (512, 512), image_size: int = 28
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for hidden in widths:
+            layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
     "small-resnet": SmallResNet,
     "resnet18-cifar": resnet18_cifar,
     "vgg16-bn": vgg16_bn,
 }
 
 
-def build_classifier(name: str, num_classes: int, in_channels: int, widths: list[int] | None = None) -> nn.Module:
+WIDTHS = ("small-resnet", "mlp")  # the classifiers whose layer widths a suite may set
+SIZED = ("mlp",)  # the classifiers built for one input size
+
+
+def build_classifier(
+    name: str, num_classes: int, in_channels: int, widths: list[int] | None = None, image_size: int = 28
+) -> nn.Module:
     if name not in CLASSIFIERS:
         raise BenchError(f"model.name: unknown classifier {name!r}; known: {', '.join(sorted(CLASSIFIERS))}")
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels}
     if widths is not None:
-        if name != "small-resnet":
-            raise BenchError(f"model.widths only applies to small-resnet, not {name!r}")
-        return SmallResNet(num_classes=num_classes, in_channels=in_channels, widths=tuple(widths))
-    return CLASSIFIERS[name](num_classes=num_classes, in_channels=in_channels)
+        if name not in WIDTHS:
+            raise BenchError(f"model.widths only applies to {', '.join(WIDTHS)}, not {name!r}")
+        kwargs["widths"] = tuple(widths)
+    if name in SIZED:
+        kwargs["image_size"] = image_size
+    return CLASSIFIERS[name](**kwargs)

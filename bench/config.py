@@ -113,6 +113,7 @@ class RuntimeFields(Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N  (auto: CUDA when present)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes; fp32 master weights
     compile: bool = False  # torch.compile the image encoder / classifier
+    deterministic: bool = True  # deterministic kernels: a rerun reproduces every number (off: cuDNN autotuning)
 
     @field_validator("device")
     @classmethod
@@ -126,7 +127,7 @@ class RuntimeFields(Strict):
     def runtime(self):
         from bench.device import resolve_runtime
 
-        return resolve_runtime(self.device, self.precision, self.compile)
+        return resolve_runtime(self.device, self.precision, self.compile, self.deterministic)
 
 
 class BackboneCfg(Strict):
@@ -403,18 +404,18 @@ class SgdGridCfg(Strict):
 
 class ClassicModelCfg(Strict):
     name: str = "small-resnet"
-    widths: list[int] | None = None  # small-resnet only: channels per stage (default 16, 32, 64)
+    widths: list[int] | None = None  # small-resnet: channels per stage (16, 32, 64); mlp: hidden (512, 512)
 
     @model_validator(mode="after")
     def _known(self) -> ClassicModelCfg:
-        from bench.classifiers import CLASSIFIERS
+        from bench.classifiers import CLASSIFIERS, WIDTHS
 
         require_known("classifier", [self.name], CLASSIFIERS)
         if self.widths is not None:
-            if self.name != "small-resnet":
-                raise ValueError(f"widths only applies to small-resnet, not {self.name!r}")
+            if self.name not in WIDTHS:
+                raise ValueError(f"widths only applies to {', '.join(WIDTHS)}, not {self.name!r}")
             if not self.widths or min(self.widths) < 1:
-                raise ValueError(f"widths: give positive channel counts, one per stage, got {self.widths}")
+                raise ValueError(f"widths: give positive layer widths, got {self.widths}")
         return self
 
 

@@ -9,6 +9,7 @@ GradScaler). fp32 uses no autocast at all, so a CPU fp32 run computes exactly wh
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
 
@@ -51,8 +52,15 @@ class Runtime:
 CPU = Runtime(torch.device("cpu"))
 
 
-def resolve_runtime(device: str = "auto", precision: str = "fp32", compile: bool = False) -> Runtime:
-    """``auto`` = the first CUDA device when there is one; an unavailable device is one clear error."""
+def resolve_runtime(
+    device: str = "auto", precision: str = "fp32", compile: bool = False, deterministic: bool = True
+) -> Runtime:
+    """``auto`` = the first CUDA device when there is one; an unavailable device is one clear error.
+
+    ``deterministic`` (the default): deterministic kernels wherever torch has them (a warning names an
+    op that has none), cuDNN without autotuning, cuBLAS with a fixed workspace, so a rerun on the same
+    machine reproduces every number; off trades that for cuDNN autotuning speed on GPUs."""
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if not DEVICE_PATTERN.match(device):
         raise BenchError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
     if device == "auto":
@@ -65,7 +73,10 @@ def resolve_runtime(device: str = "auto", precision: str = "fp32", compile: bool
             raise BenchError(
                 f"device: {device} asked for, but this machine has {torch.cuda.device_count()} CUDA devices"
             )
-        torch.backends.cudnn.benchmark = True
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     if precision == "fp16" and dev.type == "cpu":
         raise BenchError("precision: fp16 autocast is for CUDA; use precision=bf16 on CPU")

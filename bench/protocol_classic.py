@@ -99,8 +99,9 @@ class ClassicRun:
     # -- models ----------------------------------------------------------------------------------
     def _new_model(self) -> nn.Module:
         torch.manual_seed(0)
+        d = self.data
         model = build_classifier(
-            self.cfg.model.name, self.data.num_classes, self.data.in_channels, self.cfg.model.widths
+            self.cfg.model.name, d.num_classes, d.in_channels, self.cfg.model.widths, image_size=d.train_x.shape[-1]
         )
         return model.to(self.rt.device)
 

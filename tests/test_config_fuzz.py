@@ -82,7 +82,7 @@ def test_the_schema_paths_are_found(suite):
         ("mini-classic-tiny", "baselines.ft.base.batch_size=0", "batch_size must be >= 1, got 0"),
         ("mini-classic-tiny", "pool.grid.schedule=[weird]", "schedule must be cosine or constant, got 'weird'"),
         ("mini-classic-tiny", "model.name=nope", "unknown classifier 'nope'"),
-        ("mini-classic-tiny", "model.widths=[0]", "widths: give positive channel counts"),
+        ("mini-classic-tiny", "model.widths=[0]", "widths: give positive layer widths"),
     ],
 )
 def test_values_that_used_to_fail_late_fail_at_load(suite, override, message):

@@ -97,3 +97,16 @@ def test_bf16_on_cpu_runs_the_reduced_suite_end_to_end(tiny_backbone, tmp_path, 
     lams = {p: r[r.split == "val"].groupby("method").lam.first() for p, r in results.items()}
     moved = lams["bf16"].compare(lams["fp32"])
     print(f"\nbf16 vs fp32 selected lambdas that differ:\n{moved if not moved.empty else 'none'}")
+
+
+def test_deterministic_kernels_are_the_default_and_can_be_turned_off():
+    try:
+        resolve_runtime("cpu", deterministic=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        resolve_runtime("cpu")
+        assert torch.are_deterministic_algorithms_enabled()
+        from bench.config import load_suite
+
+        assert load_suite("mini-classic-tiny").deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
