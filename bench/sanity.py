@@ -13,7 +13,7 @@ import pandas as pd
 
 MEMORISED = 99.0  # % training accuracy (Dr and Df) an Original must reach
 MIN_FORGET_GAP = 5.0  # points Original's Df accuracy must exceed Retrain's
-HELD_OUT_SLACK = 3.0  # points Retrain's Df accuracy may differ from its test accuracy
+HELD_OUT_SLACK = 5.0  # points Retrain's Df accuracy may differ from its test accuracy (Df: a few hundred images)
 
 
 def classic_sanity(results: pd.DataFrame) -> list[str]:

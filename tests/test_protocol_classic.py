@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -181,3 +187,42 @@ def test_a_truncated_trained_model_is_recomputed(classic_run, tmp_path):
         assert main(["run", "mini-classic-tiny", "--out", str(tmp_path), "--no-report"]) == 0
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "results.csv"), pd.read_csv(classic_run / "results.csv"))
     assert (cache / "quarantine" / "classic-models").is_dir()
+
+
+def _entries(folder: Path) -> int:
+    return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
+
+
+@pytest.mark.integration
+def test_sigkill_at_every_stage_loses_nothing(classic_run, tmp_path):
+    """SIGKILL a cold run of the reduced suite during the Retrain trainings, the baselines, the pool and
+    the lambda sweeps in turn (each kill resumes the run before it); the last rerun's results.csv equals
+    the uninterrupted run's, and every entry finished before a kill was reused, not recomputed."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "NEGMERGE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "bench", "run", "mini-classic-tiny", "--no-report", "--out", str(tmp_path / "run")]
+    stages = [  # (what the cache holds when the kill comes, in the order a run makes it)
+        ("retrain", lambda: _entries(cache / "classic-models") >= 2),  # the Original and one Retrain done
+        ("baselines", lambda: _entries(cache / "classic-models") >= 5),
+        ("pool", lambda: _entries(cache / "classic-pool") >= 2),
+        ("sweeps", lambda: _entries(cache / "evals") >= _entries(cache / "classic-models") + 30),
+    ]
+    for stage, reached in stages:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 300
+        while not reached() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the {stage} stage could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.stem for folder in ("classic-models", "classic-pool") for p in (cache / folder).glob("*.json")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    reused = {p["key"] for p in manifest["pool"] if p["cached"]}
+    assert finished <= reused  # nothing finished before a kill was trained again
+    resumed = pd.read_csv(tmp_path / "run" / "results.csv")
+    uninterrupted = pd.read_csv(classic_run / "results.csv")
+    pd.testing.assert_frame_equal(resumed, uninterrupted)
