@@ -273,7 +273,35 @@ class AblationCfg(Strict):
         return sizes
 
 
-class ClipSuite(RuntimeFields):
+class MethodChecks(RuntimeFields):
+    """The method fields every protocol's suite has (``baselines``, ``baseline_params``,
+    ``merge_params``, ``methods``), checked against the registry for the suite's protocol. Subclasses
+    declare the fields, ``protocol`` first and ``methods`` last: a check reads the fields before it."""
+
+    @field_validator("baselines", check_fields=False)
+    @classmethod
+    def _baselines_offered(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "protocol" in info.data:
+            _offered("training", "baseline", value, info.data["protocol"])
+        return value
+
+    @field_validator("baseline_params", check_fields=False)
+    @classmethod
+    def _baseline_params_checked(cls, value: dict[str, dict[str, float]], info: ValidationInfo):
+        return _method_params("training", "baseline", value, info)
+
+    @field_validator("merge_params", check_fields=False)
+    @classmethod
+    def _merge_params_checked(cls, value: dict[str, dict[str, Any]], info: ValidationInfo):
+        return _method_params("merge", "merge", value, info)
+
+    @field_validator("methods", check_fields=False)
+    @classmethod
+    def _methods_offered(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
+        return _methods(value, info)
+
+
+class ClipSuite(MethodChecks):
     """Protocol A: CLIP task negation (docs/protocols.md#protocol-a)."""
 
     protocol: Literal["clip"]
@@ -317,28 +345,6 @@ class ClipSuite(RuntimeFields):
         return name
 
     _moved = model_validator(mode="before")(_moved_gradient_ascent)
-
-    @field_validator("baselines")
-    @classmethod
-    def _baselines_offered(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "protocol" in info.data:
-            _offered("training", "baseline", value, info.data["protocol"])
-        return value
-
-    @field_validator("baseline_params")
-    @classmethod
-    def _baseline_params_checked(cls, value: dict[str, dict[str, float]], info: ValidationInfo):
-        return _method_params("training", "baseline", value, info)
-
-    @field_validator("merge_params")
-    @classmethod
-    def _merge_params_checked(cls, value: dict[str, dict[str, Any]], info: ValidationInfo):
-        return _method_params("merge", "merge", value, info)
-
-    @field_validator("methods")
-    @classmethod
-    def _methods_offered(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
-        return _methods(value, info)
 
     @field_validator("finetune_per_dataset")
     @classmethod
@@ -444,7 +450,7 @@ class ClassicMiaCfg(Strict):
     n_nonmembers: int = Field(2000, gt=1)  # test samples it trains on as non-members
 
 
-class ClassicSuite(RuntimeFields):
+class ClassicSuite(MethodChecks):
     """Protocol B: random-data forgetting on standard classifiers, against Retrain (docs/protocols.md#protocol-b)."""
 
     protocol: Literal["classic"]
@@ -468,28 +474,6 @@ class ClassicSuite(RuntimeFields):
     selection: ClassicSelectionCfg = ClassicSelectionCfg(lambda_start=0.5, lambda_stop=4.0, lambda_step=0.5)
     mia: ClassicMiaCfg = ClassicMiaCfg()
     progress: bool = True
-
-    @field_validator("baselines")
-    @classmethod
-    def _baselines_offered(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        if "protocol" in info.data:
-            _offered("training", "baseline", value, info.data["protocol"])
-        return value
-
-    @field_validator("baseline_params")
-    @classmethod
-    def _baseline_params_checked(cls, value: dict[str, dict[str, float]], info: ValidationInfo):
-        return _method_params("training", "baseline", value, info)
-
-    @field_validator("merge_params")
-    @classmethod
-    def _merge_params_checked(cls, value: dict[str, dict[str, Any]], info: ValidationInfo):
-        return _method_params("merge", "merge", value, info)
-
-    @field_validator("methods")
-    @classmethod
-    def _methods_offered(cls, value: list[str] | None, info: ValidationInfo) -> list[str]:
-        return _methods(value, info)
 
     @model_validator(mode="after")
     def _consistency(self) -> ClassicSuite:

@@ -61,6 +61,10 @@ def toys():
         unregister(method.name)
 
 
+def _run(suite: str, out: Path, overrides: list[str]) -> None:
+    assert main(["run", suite, "--out", str(out), *(a for o in overrides for a in ("--set", o))]) == 0
+
+
 def _check_run(out: Path, rows: set[str]) -> None:
     results = pd.read_csv(out / "results.csv")
     test = results[results.split == "test"]
@@ -83,8 +87,7 @@ def test_toy_methods_run_through_the_clip_suite(toys, clip_cache, tmp_path, monk
         "baselines.toy_ascent={base: {batch_size: 64, warmup_steps: 0, weight_decay: 0.0}, grid: {lr: [0.0001], steps: [5]}}",
         "merge_params.toy_median={scale: 1.0}",
     ]
-    args = ["run", "mini-clip-tiny", "--out", str(out)]
-    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    _run("mini-clip-tiny", out, overrides)
     _check_run(out, {"zeroshot", "ga", "toy_ascent", "single_best", "negmerge", "toy_median"})
     curves = pd.read_csv(out / "curves.csv")
     assert "toy_median" in set(curves.method)  # swept over lambda like any merge
@@ -99,8 +102,7 @@ def test_toy_methods_run_through_the_classic_suite(toys, tmp_path, monkeypatch):
         "baselines.toy_ascent={base: {schedule: constant, weight_decay: 0.0}, grid: {lr: [0.001], epochs: [1]}}",
         "pool.grid={epochs: [1, 2]}",
     ]
-    args = ["run", "mini-classic-tiny", "--out", str(out)]
-    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 0
+    _run("mini-classic-tiny", out, overrides)
     _check_run(out, {"original", "retrain", "ga", "toy_ascent", "negmerge", "toy_median"})
     results = pd.read_csv(out / "results.csv")
     assert results[(results.method == "toy_median") & (results.metric == "avg_gap")].value.notna().all()
