@@ -207,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--measure", action="store_true", help="measure eval and train images/s on this machine's device")
     _runtime_flags(pl)
     pl.set_defaults(fn=cmd_plan)
-    ca = sub.add_parser("cache", help="check the cache ($NEGMERGE_CACHE): verify [--repair]")
-    ca.add_argument("action", choices=["verify"])
-    ca.add_argument("--repair", action="store_true", help="move damaged entries to CACHE/quarantine")
+    ca = sub.add_parser("cache", help="the cache ($NEGMERGE_CACHE): verify [--repair] | gc --keep RUN_DIR...")
+    ca.add_argument("action", choices=["verify", "gc"])
+    ca.add_argument("--repair", action="store_true", help="verify: move damaged entries to CACHE/quarantine")
+    ca.add_argument("--keep", nargs="+", default=[], metavar="RUN_DIR", help="gc: the runs whose entries stay")
+    ca.add_argument("--dry-run", action="store_true", help="gc: say what would go, remove nothing")
     ca.set_defaults(fn=cmd_cache)
     st = sub.add_parser("status", help="a cluster run's units (done/running/failed/missing), or a suite's job layout")
     st.add_argument("run_or_suite")
@@ -223,18 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    """verify: check every entry (content hashes included); --repair quarantines the damaged ones."""
+    """verify: check every entry (content hashes included); --repair quarantines the damaged ones.
+    gc: remove the entries none of the ``--keep`` runs uses (``bench.gc``)."""
     from bench.integrity import verify_cache
 
     root = cache_dir()
     if not root.is_dir():
         raise BenchError(f"cache {root} does not exist (set NEGMERGE_CACHE to the cache to check)")
+    if args.action == "gc":
+        return _cache_gc(root, args)
     checked, problems = verify_cache(root, repair=args.repair)
     for p in problems:
         print(f"damaged: {p['entry']}: {p['problem']}")
     action = "moved to quarantine; the next run recomputes them" if args.repair else "rerun with --repair"
     print(f"{checked} entries checked in {root}: {len(problems)} damaged" + (f" ({action})" if problems else ""))
     return 1 if problems and not args.repair else 0
+
+
+def _cache_gc(root: Path, args: argparse.Namespace) -> int:
+    from bench.gc import collect_garbage
+
+    if not args.keep:
+        raise BenchError("cache gc: name the runs to keep with --keep RUN_DIR ... (everything else goes)")
+    removed, freed = collect_garbage(root, [Path(r) for r in args.keep], dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {removed} entries ({freed / 1e6:.1f} MB) that none of {len(args.keep)} kept runs uses")
+    return 0
 
 
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:

@@ -25,10 +25,12 @@ class EvalCache:
         self.code = code_digest("bench.evalcache", "bench.metrics", "bench.selection", *code_modules)
         self.hits = 0
         self.misses = 0
+        self.used: set[str] = set()  # entry keys read or written: the run's manifest lists them (cache gc)
 
     def get_or_compute(self, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
         blob = json.dumps({"ctx": self.context, "what": what, "code": self.code}, sort_keys=True, default=str)
         path = self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+        self.used.add(path.stem)
 
         def lookup() -> tuple[Any] | None:
             if not path.is_file():

@@ -427,6 +427,7 @@ class ClassicRun:
             if uses_pool(cfg.methods):
                 with self.rec.timed("task vectors"):
                     self._task_vectors(row, seed)
+        self.rec.cache_entries["evals"] = sorted(self.evals.used)
         self.rec.note(
             f"BatchNorm statistics: {cfg.bn}; selection rule: {cfg.selection.rule}; floor {cfg.selection.floor}"
         )

@@ -299,6 +299,7 @@ class ClipRun:
                 row = dict(backbone=f"{self.cfg.backbone.name}/{self.cfg.backbone.pretrained}", dataset=name, seed=seed)
                 self._evaluate_task(EvalContext(prepared[name], head, self.control, self.head_c, seed, row))
         self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
+        self.rec.cache_entries["evals"] = sorted(self.evals.used)
         if self.preprocessed.built:
             self.rec.note(f"preprocessed {self.preprocessed.built} file-backed splits into the cache")
         self.rec.finish()

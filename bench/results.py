@@ -82,6 +82,7 @@ class RunRecorder:
         self.runtime: dict[str, str] = {}
         self.ablation: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
+        self.cache_entries: dict[str, list[str]] = {}
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
 
@@ -192,5 +193,6 @@ class RunRecorder:
             "failures": [p for p in self.pool if p["status"] != "ok"],
             "selections": self.selections,
             "notes": self.notes,
+            "cache_entries": self.cache_entries,  # what `cache gc --keep` keeps for this run
         }
         write_json_atomic(self.out / "manifest.json", manifest)

@@ -46,3 +46,39 @@ def test_truncated_pool_entry_and_evaluation_are_recomputed(tiny_backbone, tmp_p
     assert (cache / "quarantine" / "evals").is_dir()
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "healed-eval" / "results.csv"), clean)
     assert main(["cache", "verify"]) == 0
+
+
+@pytest.mark.integration
+def test_cache_gc_keeps_exactly_what_kept_runs_use(tiny_backbone, tmp_path, monkeypatch, capsys):
+    """Two runs share a cache; gc keeping the first removes only what the second alone made, and the
+    first then reruns entirely from the cache with the same results.csv."""
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_backbone.parent, cache / "backbones")
+    monkeypatch.setenv("NEGMERGE_CACHE", str(cache))
+    kept, other = tmp_path / "kept", tmp_path / "other"
+    assert main(["run", "mini-clip-tiny", "--out", str(kept), *QUICK]) == 0
+    assert main(["run", "mini-clip-tiny", "--out", str(other), *QUICK, "--set", "finetune.grid.steps=[3]"]) == 0
+    files = {p for p in cache.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    assert main(["cache", "gc", "--keep", str(kept), "--dry-run"]) == 0
+    assert "would remove" in capsys.readouterr().out
+    assert {p for p in cache.rglob("*") if p.is_file()} == files  # a dry run removes nothing
+
+    assert main(["cache", "gc", "--keep", str(kept)]) == 0
+    gone = files - {p for p in cache.rglob("*") if p.is_file()}
+    other_only = {p["key"] for p in json.loads((other / "manifest.json").read_text())["pool"]} - {
+        p["key"] for p in json.loads((kept / "manifest.json").read_text())["pool"]
+    }
+    assert other_only and {p.name.split(".")[0] for p in gone if p.parent.name == "pool"} == other_only
+    assert any(p.parent.name == "evals" for p in gone)  # the other run's evaluations went too
+
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "again"), *QUICK]) == 0
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert all(p["cached"] for p in manifest["pool"])
+    assert any("0 computed" in note for note in manifest["notes"])  # every evaluation came from the cache
+    results = pd.read_csv(tmp_path / "again" / "results.csv")
+    pd.testing.assert_frame_equal(results, pd.read_csv(kept / "results.csv"))
+
+    assert main(["cache", "gc", "--keep", str(tmp_path)]) == 2  # not a run folder: one clear error
+    assert "no readable manifest.json" in capsys.readouterr().err
