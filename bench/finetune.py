@@ -110,6 +110,9 @@ def _augmenter(spec: str | None):
     from PIL import Image
     from timm.data.auto_augment import rand_augment_transform
 
+    from bench.data.timm_compat import patch_posterize
+
+    patch_posterize()  # magnitude 10 posterizes to 0 bits, which today's Pillow refuses
     transform = rand_augment_transform(spec, {"img_mean": (128, 128, 128)})
 
     def apply(images: torch.Tensor) -> torch.Tensor:

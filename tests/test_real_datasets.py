@@ -254,3 +254,26 @@ def test_two_cold_runs_on_files_give_identical_results(file_backed_run, roots, c
     a = pd.read_csv(file_backed_run / "results.csv")
     b = pd.read_csv(tmp_path / "run" / "results.csv")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_randaugment_at_the_papers_strongest_setting_runs():
+    """Magnitude 10 posterizes to 0 bits: a black image, as on the Pillow the released code ran on, not
+    the ValueError today's Pillow raises (which stopped mini-clip-paper's rand-m10 candidates)."""
+    import random
+
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    from bench.data.timm_compat import patch_posterize
+    from bench.data.transforms import train_transform
+    from bench.finetune import _augmenter
+
+    patch_posterize()
+    black = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(Image.new("RGB", (4, 4), (200, 100, 50)))
+    assert np.array(black).max() == 0
+    random.seed(0)
+    images = torch.randint(0, 256, (200, 28, 28), dtype=torch.uint8)
+    assert _augmenter("rand-m10-n3-mstd0.5")(images).shape == images.shape  # tensor path (offline sets)
+    files = train_transform(32, (0.5,) * 3, (0.5,) * 3, "rand-m10-n3-mstd0.5", False, plain=lambda x: x)
+    for _ in range(100):  # file path (real datasets), 300 ops drawn
+        assert files(Image.new("RGB", (40, 40), (10, 200, 30))).shape == (3, 32, 32)

@@ -34,6 +34,9 @@ def train_transform(image_size: int, mean, std, randaug: str | None, grayscale: 
         return T.Compose([to_rgb, plain])
     from timm.data.transforms_factory import transforms_imagenet_train
 
+    from bench.data.timm_compat import patch_posterize
+
+    patch_posterize()  # magnitude 10 posterizes to 0 bits, which today's Pillow refuses
     transform = transforms_imagenet_train(img_size=image_size, auto_augment=randaug, mean=mean, std=std)
     first = [T.Resize(image_size), T.Grayscale(num_output_channels=3)] if grayscale else [to_rgb]
     return T.Compose([*first, *transform.transforms])
