@@ -6,6 +6,7 @@ without the cancellation error of subtracting two half-precision numbers directl
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Mapping
@@ -91,7 +92,10 @@ def save_state(state: StateDict, path: str | os.PathLike[str], metadata: dict[st
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = [e for e in (errno.ENOSPC, errno.EDQUOT) if f"os error {e})" in str(exc)]
+        if full:  # safetensors reports a full disk (or quota) as its own error type: make it the OSError it is
+            raise OSError(full[0], os.strerror(full[0]), str(path)) from exc
         raise
     return path

@@ -82,3 +82,45 @@ def test_cache_gc_keeps_exactly_what_kept_runs_use(tiny_backbone, tmp_path, monk
 
     assert main(["cache", "gc", "--keep", str(tmp_path)]) == 2  # not a run folder: one clear error
     assert "no readable manifest.json" in capsys.readouterr().err
+
+
+def _small_filesystem(path, megabytes: int) -> bool:
+    """A size-limited tmpfs at ``path`` (root only, where mounts are allowed); False if none can be made."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    path.mkdir(parents=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], capture_output=True)
+    return done.returncode == 0
+
+
+@pytest.mark.integration
+def test_a_really_full_disk_stops_the_run_cleanly_and_the_rerun_resumes(tiny_backbone, tmp_path, monkeypatch, capsys):
+    """The cache on a 1 MB file system (the pretrained backbone linked in from outside): the run stops
+    with one line and exit code 2 when the disk fills, no temporary or half-written entry is left, every
+    entry on disk verifies, and the same run resumes from those entries once there is room."""
+    import subprocess
+
+    small = tmp_path / "small"
+    if not _small_filesystem(small, 1):
+        pytest.skip("no size-limited file system can be mounted here (needs root); the injected-ENOSPC test covers it")
+    room = tmp_path / "room"
+    try:
+        (small / "backbones").symlink_to(tiny_backbone.parent, target_is_directory=True)
+        monkeypatch.setenv("NEGMERGE_CACHE", str(small))
+        capsys.readouterr()
+        assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "full"), *QUICK]) == 2
+        assert "error: no space left writing" in capsys.readouterr().err
+        assert not list(small.rglob("*.tmp"))  # no temporary file left behind
+        assert main(["cache", "verify"]) == 0  # every entry on disk is whole
+        kept = {p.name for p in (small / "pool").glob("*.safetensors")}
+        shutil.copytree(small, room, symlinks=True)
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+    assert kept, "the disk filled before the first candidate: nothing to resume from"
+    monkeypatch.setenv("NEGMERGE_CACHE", str(room))
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "resumed"), *QUICK]) == 0
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert {f"{p['key']}.safetensors" for p in manifest["pool"] if p["cached"]} == kept  # nothing redone
