@@ -123,6 +123,45 @@ def test_kill_during_pool_loses_no_finished_candidate(tiny_run, cache, tmp_path)
     assert finished <= reused
 
 
+def _files(folder: Path, pattern: str = "*.json") -> int:
+    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
+
+
+def test_sigkill_at_every_stage_loses_nothing(tiny_run, tmp_path):
+    """SIGKILL a cold run of the reduced suite during pretraining, during the pool and during the lambda
+    sweeps in turn (each kill resumes the run before it): the last rerun reuses every finished entry
+    and writes the uninterrupted run's results.csv, bit for bit."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "NEGMERGE_CACHE": str(cache)}
+    cmd = [sys.executable, "-m", "bench", "run", "mini-clip-tiny", "--no-report", "--out", str(tmp_path / "run")]
+    started = {"t": 0.0}
+    stages = [  # (stage, reached: the kill comes once this holds)
+        (
+            "pretraining",
+            lambda: time.monotonic() - started["t"] > 8 and not _files(cache / "backbones", "*.safetensors"),
+        ),
+        ("pool", lambda: _files(cache / "pool") >= 2),
+        ("sweeps", lambda: _files(cache / "evals") >= 6),
+    ]
+    for stage, reached in stages:
+        started["t"] = time.monotonic()
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 400
+        while not reached() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before the {stage} stage could be interrupted"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finished = {p.stem for p in (cache / "pool").glob("*.json")}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert finished <= {p["key"] for p in manifest["pool"] if p["cached"]}
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "results.csv"), pd.read_csv(tiny_run / "results.csv"))
+
+
 def test_real_backbone_code_path_with_random_vit_b32(cache, tmp_path):
     """ViT-B-32 (the paper's backbone, random weights: none can be downloaded here) through the same
     functions: 224px resizing, the real tokenizer and text tower, fine-tuning, merging, selection."""
