@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +13,7 @@ import pytest
 from bench.cli import main
 from bench.metrics import GAP_METRICS as METRICS
 from bench.metrics import avg_gap
+from tests.faults import count, kill_at_stages, run_to_completion
 from tests.latex import assert_compiles
 
 ALL_METHODS = {
@@ -176,7 +174,6 @@ def test_a_truncated_trained_model_is_recomputed(classic_run, tmp_path):
     """A Protocol B model (here a Retrain) truncated on disk is set aside, retrained, and the run ends
     with the same results.csv (training is deterministic, so everything downstream stays cached)."""
     import os
-    from pathlib import Path
 
     cache = Path(os.environ["NEGMERGE_CACHE"])
     records = sorted((cache / "classic-models").glob("*.json"))
@@ -189,10 +186,6 @@ def test_a_truncated_trained_model_is_recomputed(classic_run, tmp_path):
     assert (cache / "quarantine" / "classic-models").is_dir()
 
 
-def _entries(folder: Path) -> int:
-    return len(list(folder.glob("*.json"))) if folder.is_dir() else 0
-
-
 @pytest.mark.integration
 def test_sigkill_at_every_stage_loses_nothing(classic_run, tmp_path):
     """SIGKILL a cold run of the reduced suite during the Retrain trainings, the baselines, the pool and
@@ -202,24 +195,14 @@ def test_sigkill_at_every_stage_loses_nothing(classic_run, tmp_path):
     env = {**os.environ, "NEGMERGE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "bench", "run", "mini-classic-tiny", "--no-report", "--out", str(tmp_path / "run")]
     stages = [  # (what the cache holds when the kill comes, in the order a run makes it)
-        ("retrain", lambda: _entries(cache / "classic-models") >= 2),  # the Original and one Retrain done
-        ("baselines", lambda: _entries(cache / "classic-models") >= 5),
-        ("pool", lambda: _entries(cache / "classic-pool") >= 2),
-        ("sweeps", lambda: _entries(cache / "evals") >= _entries(cache / "classic-models") + 30),
+        ("retrain", lambda _: count(cache / "classic-models") >= 2),  # the Original and one Retrain done
+        ("baselines", lambda _: count(cache / "classic-models") >= 5),
+        ("pool", lambda _: count(cache / "classic-pool") >= 2),
+        ("sweeps", lambda _: count(cache / "evals") >= count(cache / "classic-models") + 30),
     ]
-    for stage, reached in stages:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 300
-        while not reached() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before the {stage} stage could be interrupted"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_at_stages(cmd, env, stages, timeout=300)
     finished = {p.stem for folder in ("classic-models", "classic-pool") for p in (cache / folder).glob("*.json")}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    run_to_completion(cmd, env)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     reused = {p["key"] for p in manifest["pool"] if p["cached"]}
     assert finished <= reused  # nothing finished before a kill was trained again

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
+from tests.faults import count, kill_at_stages, run_to_completion
 
 pytestmark = pytest.mark.integration
 ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"}
@@ -123,10 +124,6 @@ def test_kill_during_pool_loses_no_finished_candidate(tiny_run, cache, tmp_path)
     assert finished <= reused
 
 
-def _files(folder: Path, pattern: str = "*.json") -> int:
-    return len(list(folder.glob(pattern))) if folder.is_dir() else 0
-
-
 def test_sigkill_at_every_stage_loses_nothing(tiny_run, tmp_path):
     """SIGKILL a cold run of the reduced suite during pretraining, during the pool and during the lambda
     sweeps in turn (each kill resumes the run before it): the last rerun reuses every finished entry
@@ -134,29 +131,14 @@ def test_sigkill_at_every_stage_loses_nothing(tiny_run, tmp_path):
     cache = tmp_path / "cache"
     env = {**os.environ, "NEGMERGE_CACHE": str(cache)}
     cmd = [sys.executable, "-m", "bench", "run", "mini-clip-tiny", "--no-report", "--out", str(tmp_path / "run")]
-    started = {"t": 0.0}
     stages = [  # (stage, reached: the kill comes once this holds)
-        (
-            "pretraining",
-            lambda: time.monotonic() - started["t"] > 8 and not _files(cache / "backbones", "*.safetensors"),
-        ),
-        ("pool", lambda: _files(cache / "pool") >= 2),
-        ("sweeps", lambda: _files(cache / "evals") >= 6),
+        ("pretraining", lambda start: time.monotonic() - start > 8 and not count(cache / "backbones", "*.safetensors")),
+        ("pool", lambda _: count(cache / "pool") >= 2),
+        ("sweeps", lambda _: count(cache / "evals") >= 6),
     ]
-    for stage, reached in stages:
-        started["t"] = time.monotonic()
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 400
-        while not reached() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, f"the run ended before the {stage} stage could be interrupted"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_at_stages(cmd, env, stages)
     finished = {p.stem for p in (cache / "pool").glob("*.json")}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    run_to_completion(cmd, env)
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert finished <= {p["key"] for p in manifest["pool"] if p["cached"]}
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "run" / "results.csv"), pd.read_csv(tiny_run / "results.csv"))
