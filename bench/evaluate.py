@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
 from bench.device import CPU, Runtime
-from bench.metrics import per_sample_loss, true_label_prob  # noqa: F401  (re-exported)
 
 
 class Evaluator:
