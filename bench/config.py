@@ -114,6 +114,9 @@ class RuntimeFields(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes; fp32 master weights
     compile: bool = False  # torch.compile the image encoder / classifier
     deterministic: bool = True  # deterministic kernels: a rerun reproduces every number (off: cuDNN autotuning)
+    # independent work run at once on this machine (lambda points; pool fine-tunes), each with `threads`
+    # threads; auto: one per `threads` cores on a CPU, 1 on an accelerator. Results never depend on it.
+    jobs: int | Literal["auto"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -122,6 +125,13 @@ class RuntimeFields(Strict):
 
         if not DEVICE_PATTERN.match(value):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs_positive(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"jobs must be auto or >= 1, got {value}")
         return value
 
     def runtime(self):

@@ -42,6 +42,13 @@ class Evaluator:
         self._tau_resident: dict[str, torch.Tensor] = {}
         self._resident: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def replica(self) -> Evaluator:
+        """Another evaluator with its own copy of the encoder, sharing theta_0 and the resident splits
+        (read-only): a lane of ``bench.lanes`` that can run a lambda point while this one runs another."""
+        twin = Evaluator(self.backbone, self.batch_size, self.rt)
+        twin._theta0, twin._resident = self._theta0, self._resident
+        return twin
+
     def set_base(self, theta0: Mapping[str, torch.Tensor]) -> None:
         """theta_0, kept on the device for ``load_edit``."""
         self._theta0 = {k: v.detach().to(self.rt.device, torch.float32) for k, v in theta0.items()}

@@ -16,8 +16,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
-from sklearn.svm import SVC
 
 
 def _balanced(a: np.ndarray, b: np.ndarray, max_per_class: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +36,8 @@ def mia_efficacy(
     members, nonmembers = _balanced(member_prob.numpy(), nonmember_prob.numpy(), max_per_class, seed)
     x = np.concatenate([members, nonmembers]).reshape(-1, 1)
     y = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
+    from sklearn.svm import SVC  # here, not at import: sklearn costs seconds in every worker and CLI call
+
     attacker = SVC(C=3, gamma="auto", kernel="rbf")
     attacker.fit(x, y)
     predicted = attacker.predict(target_prob.numpy().reshape(-1, 1))
@@ -46,6 +46,8 @@ def mia_efficacy(
 
 def loss_attack_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:
     """ROC AUC (percent) of separating members from non-members by low loss."""
+    from sklearn.metrics import roc_auc_score
+
     scores = -np.concatenate([member_loss.numpy(), nonmember_loss.numpy()])
     labels = np.concatenate([np.ones(len(member_loss)), np.zeros(len(nonmember_loss))])
     return 100.0 * float(roc_auc_score(labels, scores))

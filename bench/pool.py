@@ -54,34 +54,39 @@ class CandidatePool:
         blob = json.dumps({**spec, "code_version": self.version}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
+    def has(self, spec: dict[str, Any]) -> bool:
+        """Whether the entry of ``spec`` is made (ok or failed), without making it."""
+        return self._lookup(self.key(spec), spec) is not None
+
+    def _lookup(self, key: str, spec: dict[str, Any]) -> PoolEntry | None:
+        tensor_path, record_path = self.root / f"{key}.safetensors", self.root / f"{key}.json"
+        if not record_path.is_file():
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+            status = record["status"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            quarantine([record_path, tensor_path], f"its record is unreadable: {exc}")
+            return None
+        if status == "ok" and not intact_safetensors(tensor_path, record.get("size"), with_files=(record_path,)):
+            return None
+        if status == "failed" or tensor_path.is_file():
+            path = tensor_path if status == "ok" else None
+            return PoolEntry(
+                key,
+                spec,
+                record["status"],
+                path,
+                record["seconds"],
+                True,
+                record.get("error", ""),
+                record.get("computed_by", ""),
+            )
+        return None
+
     def get_or_create(self, spec: dict[str, Any], make: Callable[[], dict[str, torch.Tensor]]) -> PoolEntry:
         key = self.key(spec)
         tensor_path, record_path = self.root / f"{key}.safetensors", self.root / f"{key}.json"
-
-        def lookup() -> PoolEntry | None:
-            if not record_path.is_file():
-                return None
-            try:
-                record = json.loads(record_path.read_text())
-                status = record["status"]
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                quarantine([record_path, tensor_path], f"its record is unreadable: {exc}")
-                return None
-            if status == "ok" and not intact_safetensors(tensor_path, record.get("size"), with_files=(record_path,)):
-                return None
-            if status == "failed" or tensor_path.is_file():
-                path = tensor_path if status == "ok" else None
-                return PoolEntry(
-                    key,
-                    spec,
-                    record["status"],
-                    path,
-                    record["seconds"],
-                    True,
-                    record.get("error", ""),
-                    record.get("computed_by", ""),
-                )
-            return None
 
         def compute() -> PoolEntry:
             me = worker_id()
@@ -108,4 +113,4 @@ class CandidatePool:
             write_json_atomic(record_path, record)
             return PoolEntry(key, spec, "ok", tensor_path, seconds, False, computed_by=me)
 
-        return locked_compute(record_path, lookup, compute)[0]
+        return locked_compute(record_path, lambda: self._lookup(key, spec), compute)[0]

@@ -28,12 +28,13 @@ from bench.evalcache import EvalCache, vector_id
 from bench.evaluate import Evaluator, top1
 from bench.finetune import FinetuneParams, finetune
 from bench.heads import cached_head
+from bench.lanes import Lanes, resolve_jobs
 from bench.metrics import membership_metrics
 from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
-from bench.units import PRODUCE, Unit, training_methods, uses_pool
+from bench.units import PRODUCE, Unit, plan_units, training_methods, uses_pool
 from negmerge import consensus_rate, task_vector
 
 
@@ -48,6 +49,24 @@ class Edit:
 Weights = Mapping[str, torch.Tensor] | Edit
 
 
+def _load(ev: Evaluator, state: Weights) -> None:
+    """Put ``state`` into the lane ``ev``: an edit in place, or a whole state dict."""
+    if isinstance(state, Edit):
+        ev.load_edit(state.tau, state.coef)
+    else:
+        ev.load(state)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Fine-tuning settings of one kind of pool entry: what they train on and in which direction."""
+
+    points: list[FinetuneParams]
+    tag: str  # "fine-tune" (the candidate pool) or a training method's name
+    data: ImageSplit
+    direction: int  # 1 descends the loss, -1 ascends it
+
+
 @dataclass
 class EvalContext:
     """Everything evaluating one (seed, forget dataset) needs: the stages below take only this."""
@@ -58,7 +77,15 @@ class EvalContext:
     head_c: torch.Tensor
     seed: int
     row: dict[str, Any]
-    zs_control_val: float = math.nan  # the floor's reference, set by the zero-shot stage
+    zs_val: tuple[float, float] = (
+        math.nan,
+        math.nan,
+    )  # theta_0's (forget, control) Val top-1, set by the zero-shot stage
+
+    @property
+    def zs_control_val(self) -> float:
+        """The floor's reference."""
+        return self.zs_val[1]
 
 
 @dataclass(frozen=True)
@@ -84,36 +111,43 @@ class ClipSets:
 class ClipRun:
     """The whole suite, or one work unit of it (``bench.units``: a fine-tune or a sweep)."""
 
-    def __init__(self, cfg: ClipSuite, out: Path, cache: Path, unit: Unit | None = None) -> None:
-        self.cfg, self.out, self.cache, self.unit = cfg, Path(out), Path(cache), unit
+    def __init__(
+        self, cfg: ClipSuite, out: Path, cache: Path, unit: Unit | None = None, producer: bool = False
+    ) -> None:
+        """``unit``: run just that work unit; ``producer``: a worker that makes pool entries on demand."""
+        self.cfg, self.out, self.cache, self.unit, self.producer = cfg, Path(out), Path(cache), unit, producer
         self.rec = RunRecorder(self.out, cfg)
         self.pool = CandidatePool(self.cache / "pool")
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
 
     # -- evaluation helpers ----------------------------------------------------------------------
-    def _accuracy(self, state: Weights, split_name: str, ctx: EvalContext) -> tuple[float, float]:
-        """(forget, control) top-1 of ``state`` on ``split_name`` (val or test)."""
-        if isinstance(state, Edit):
-            self.ev.load_edit(state.tau, state.coef)
-        else:
-            self.ev.load(state)
+    def _accuracy(
+        self, state: Weights, split_name: str, ctx: EvalContext, ev: Evaluator | None = None
+    ) -> tuple[float, float]:
+        """(forget, control) top-1 of ``state`` on ``split_name`` (val or test), on lane ``ev``."""
+        ev = self.ev if ev is None else ev
+        _load(ev, state)
         f_split, c_split = getattr(ctx.task, split_name), getattr(ctx.control, split_name)
         return (
-            top1(self.ev.logits(f_split, ctx.head), f_split.labels),
-            top1(self.ev.logits(c_split, ctx.head_c), c_split.labels),
+            top1(ev.logits(f_split, ctx.head), f_split.labels),
+            top1(ev.logits(c_split, ctx.head_c), c_split.labels),
         )
 
     def _curve(self, vid: str, tau, ctx: EvalContext, desc: str) -> tuple[list[float], list[float]]:
-        """Forget and control Val top-1 of theta_0 - lambda * tau at every lambda (cached)."""
+        """Forget and control Val top-1 of theta_0 - lambda * tau at every lambda (cached). The points
+        run on the evaluation lanes; lambda = 0 is theta_0 itself, whose scores the zero-shot stage has."""
 
         def compute():
-            forget, ctrl = [], []
             vector = tau()
-            for lam in tqdm(self.lambdas, desc=desc, leave=False, disable=not self.cfg.progress):
-                f, c = self._accuracy(Edit(vector, -lam), "val", ctx)
-                forget.append(f)
-                ctrl.append(c)
-            return [forget, ctrl]
+
+            def point(ev: Evaluator, lam: float) -> tuple[float, float]:
+                if lam == 0.0:
+                    return ctx.zs_val
+                return self._accuracy(Edit(vector, -lam), "val", ctx, ev)
+
+            with tqdm(total=len(self.lambdas), desc=desc, leave=False, disable=not self.cfg.progress) as bar:
+                points = self.lanes.map(point, self.lambdas, done=lambda: bar.update())
+            return [[f for f, _ in points], [c for _, c in points]]
 
         what = {"curve": vid, "task": ctx.task.name, "lambdas": self.lambdas}
         forget, ctrl = self.evals.get_or_compute(what, compute)
@@ -126,19 +160,24 @@ class ClipRun:
         )
 
     def _test_metrics(self, state, ctx: EvalContext) -> dict[str, float]:
-        forget_test, control_test = self._accuracy(state, "test", ctx)
-        metrics = {"forget_acc": forget_test, "control_acc": control_test}
-        if self.cfg.mia.enabled:
+        """Test top-1 of the forget and control tasks and, with MIA on, membership inference: each
+        split's logits computed once, spread over the evaluation lanes."""
+        task, mia = ctx.task, self.cfg.mia.enabled
+        jobs = [(task.test, ctx.head), (ctx.control.test, ctx.head_c)] + ([(task.train_eval, ctx.head)] if mia else [])
+        logits = self.lanes.logits(lambda ev: _load(ev, state), jobs)
+        metrics = {
+            "forget_acc": top1(logits[0], task.test.labels),
+            "control_acc": top1(logits[1], ctx.control.test.labels),
+        }
+        if mia:
             # members: the forget set's fine-tuning split, half to train the attacker and half as its
             # targets; non-members: the forget test split (docs/metrics.md#membership-inference).
-            task = ctx.task
-            member_logits = self.ev.logits(task.train_eval, ctx.head)
-            members = task.train_eval.labels
+            member_logits, members = logits[2], task.train_eval.labels
             order = torch.randperm(len(members), generator=torch.Generator().manual_seed(ctx.seed))
             attack, target = order[: len(order) // 2], order[len(order) // 2 :]
             metrics |= membership_metrics(
                 shadow=(member_logits[attack], members[attack]),
-                nonmembers=(self.ev.logits(task.test, ctx.head), task.test.labels),
+                nonmembers=(logits[0], task.test.labels),
                 targets=(member_logits[target], members[target]),
                 exposed=(member_logits, task.train.labels),
                 max_per_class=self.cfg.mia.max_per_class,
@@ -147,43 +186,51 @@ class ClipRun:
         return metrics
 
     # -- the pool and trained models -------------------------------------------------------------
-    def _candidates(
-        self,
-        points: list[FinetuneParams],
-        task: TaskData,
-        head,
-        tag: str,
-        data: ImageSplit | None = None,
-        direction: int = 1,
-        only: int | None = None,
-    ) -> list[PoolEntry]:
-        """Pool entries: task vectors of fine-tuning on ``data`` (default: the forget set) with each
-        of ``points`` (made now where missing); ``only``: just that one."""
-        data = task.train if data is None else data
-        made_by = {} if tag == "fine-tune" else {"method": tag}  # pool keys predate the registry: unchanged
+    def _grid(self, unit: Unit, task: TaskData) -> Grid:
+        """The fine-tuning settings a produce unit's kind names: the pool, or a training method's."""
+        if unit.kind == "finetune":
+            points = self.cfg.finetune.points(unit.seed, self.cfg.finetune_per_dataset.get(task.name))
+            return Grid(points, "fine-tune", task.train, 1)
+        method = unit.method
+        recipe = (
+            get_method(method)
+            .training(**self._params(method, "baseline_params"))
+            .recipe(ClipSets(task.train), unit.seed)
+        )
+        if recipe.l1_alpha or recipe.saliency_sparsity is not None:
+            raise BenchError(f"{method}: Protocol A's fine-tuning has no l1 penalty or saliency mask")
+        return Grid(self.cfg.baselines[method].points(unit.seed), method, recipe.data, recipe.direction)
+
+    def _spec(self, grid: Grid, i: int, task: TaskData) -> dict[str, Any]:
+        made_by = {} if grid.tag == "fine-tune" else {"method": grid.tag}  # pool keys predate the registry
+        return {
+            "backbone": self.backbone_id,
+            "dataset": task.name,
+            "split": self.cfg.data.load_kwargs(),
+            "n_train": len(grid.data),
+            "params": asdict(grid.points[i]),
+            "direction": grid.direction,
+            "precision": self.cfg.precision,
+            **made_by,
+        }
+
+    def _candidates(self, unit: Unit, task: TaskData, head) -> list[PoolEntry]:
+        """Pool entries: task vectors of fine-tuning with each setting of the unit's grid (made now
+        where missing); a unit with an ``index``: just that one."""
+        grid = self._grid(unit, task)
         entries = []
-        for i, params in enumerate(points):
-            if only is not None and i != only:
+        for i, params in enumerate(grid.points):
+            if unit.index is not None and i != unit.index:
                 continue
-            spec = {
-                "backbone": self.backbone_id,
-                "dataset": task.name,
-                "split": self.cfg.data.load_kwargs(),
-                "n_train": len(data),
-                "params": asdict(params),
-                "direction": direction,
-                "precision": self.cfg.precision,
-                **made_by,
-            }
 
             def make(params=params, i=i):
                 ft = finetune(
                     self.backbone,
                     head,
-                    data,
+                    grid.data,
                     params,
-                    direction=direction,
-                    desc=f"{tag} {task.name} {i + 1}/{len(points)}",
+                    direction=grid.direction,
+                    desc=f"{grid.tag} {task.name} {i + 1}/{len(grid.points)}",
                     progress=self.cfg.progress,
                     grayscale=task.grayscale,
                     workers=self.cfg.data.workers,
@@ -191,24 +238,55 @@ class ClipRun:
                 )
                 return task_vector(ft, self.theta0)
 
-            entry = self.pool.get_or_create(spec, make)
-            self.rec.pool_member(entry, tag, params.label())
+            entry = self.pool.get_or_create(self._spec(grid, i, task), make)
+            self.rec.pool_member(entry, grid.tag, params.label())
             entries.append(entry)
         return entries
 
-    def _pool(self, seed: int, task: TaskData, head, only: int | None = None) -> list[PoolEntry]:
-        points = self.cfg.finetune.points(seed, self.cfg.finetune_per_dataset.get(task.name))
-        return self._candidates(points, task, head, "fine-tune", only=only)
+    def _pool(self, seed: int, task: TaskData, head) -> list[PoolEntry]:
+        return self._candidates(Unit("finetune", seed, task.name), task, head)
 
-    def _method_models(self, method: str, seed: int, task: TaskData, head, only: int | None = None):
+    def _method_models(self, method: str, seed: int, task: TaskData, head) -> list[PoolEntry]:
         """A training-based method's settings, each trained from theta_0 as its recipe says."""
-        recipe = (
-            get_method(method).training(**self._params(method, "baseline_params")).recipe(ClipSets(task.train), seed)
-        )
-        if recipe.l1_alpha or recipe.saliency_sparsity is not None:
-            raise BenchError(f"{method}: Protocol A's fine-tuning has no l1 penalty or saliency mask")
-        points = self.cfg.baselines[method].points(seed)
-        return self._candidates(points, task, head, method, recipe.data, recipe.direction, only)
+        return self._candidates(Unit("baseline", seed, task.name, method=method), task, head)
+
+    def _produce_ahead(self, tasks: dict[str, TaskData]) -> None:
+        """With ``jobs`` > 1 on a CPU, the fine-tunes this run still lacks are made first, ``jobs`` at a
+        time in worker processes (``bench.producers``); the stages then find them in the pool."""
+        if self.unit is not None or len(self.lanes) < 2 or self.rt.on_accelerator:
+            return
+        units = [u for u in plan_units(self.cfg)[0] if u.kind in PRODUCE]
+        missing, cost = [], {}
+        for u in units:
+            task = tasks[u.dataset]
+            grid = self._grid(u, task)
+            if not self.pool.has(self._spec(grid, u.index, task)):
+                missing.append(u)
+                params = grid.points[u.index]  # steps, doubled with RandAugment: longest first balances the processes
+                cost[u] = params.total_steps(len(grid.data)) * params.grad_accum * (2 if params.randaug else 1)
+        if len(missing) < 2:
+            return
+        missing.sort(key=lambda u: -cost[u])
+        from functools import partial
+
+        from bench.producers import produce_in_workers
+
+        with self.rec.timed("fine-tunes, in parallel"):
+            spawned = partial(_producer, self.cfg.model_dump_json(), str(self.out), str(self.cache))
+            produce_in_workers(self, spawned, missing, len(self.lanes), self.cfg.progress)
+        self.rec.note(f"{len(missing)} fine-tunes made up to {len(self.lanes)} at a time (this and worker processes)")
+
+    def produce(self, unit: Unit) -> str:
+        """Make one produce unit's entry (``bench.producers``; a spawned worker sets up on first use)."""
+        if not hasattr(self, "tasks"):
+            self.tasks = self._setup()
+        task = self.tasks[unit.dataset]
+        self._candidates(unit, task, self._head(task))
+        return unit.label
+
+    def quiet(self) -> None:
+        """No progress bars (a worker process: the parent shows the one bar)."""
+        self.cfg = self.cfg.model_copy(update={"progress": False})
 
     # -- setup -----------------------------------------------------------------------------------
     def _backbone(self) -> Backbone:
@@ -240,7 +318,7 @@ class ClipRun:
     @property
     def _producing(self) -> bool:
         """This run is one unit that makes one pool entry (and evaluates nothing)."""
-        return self.unit is not None and self.unit.kind in PRODUCE
+        return self.producer or (self.unit is not None and self.unit.kind in PRODUCE)
 
     def _prepare_eval(self, task: TaskData, members: bool) -> TaskData:
         with self.rec.timed(f"preprocess {task.name}"):
@@ -258,6 +336,10 @@ class ClipRun:
         self.theta0 = visual_state(self.backbone)
         self.ev = Evaluator(self.backbone, cfg.eval_batch_size, self.rt)
         self.ev.set_base(self.theta0)
+        self.lanes = Lanes(
+            self.ev, 1 if self._producing else resolve_jobs(cfg.jobs, cfg.threads, self.rt.on_accelerator)
+        )
+        self.rec.runtime["jobs"] = len(self.lanes)
         self.evals = EvalCache(
             self.cache / "evals",
             {
@@ -284,7 +366,8 @@ class ClipRun:
 
     # -- main ------------------------------------------------------------------------------------
     def run(self) -> RunRecorder:
-        tasks = self._setup()
+        tasks = self.tasks = self._setup()
+        self._produce_ahead(tasks)
         prepared: dict[str, TaskData] = {}
         for seed in self.cfg.seeds:
             for name in self.cfg.forget:
@@ -292,26 +375,19 @@ class ClipRun:
                     continue
                 head = self._head(tasks[name])
                 if self._producing:
-                    self._produce(tasks[name], head)
+                    self._candidates(self.unit, tasks[name], head)
                     continue
                 if name not in prepared:  # once per dataset: its splits stay resident on the device
                     prepared[name] = self._prepare_eval(tasks[name], members=self.cfg.mia.enabled)
                 row = dict(backbone=f"{self.cfg.backbone.name}/{self.cfg.backbone.pretrained}", dataset=name, seed=seed)
                 self._evaluate_task(EvalContext(prepared[name], head, self.control, self.head_c, seed, row))
+        self.lanes.close()
         self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
         self.rec.cache_entries["evals"] = sorted(self.evals.used)
         if self.preprocessed.built:
             self.rec.note(f"preprocessed {self.preprocessed.built} file-backed splits into the cache")
         self.rec.finish()
         return self.rec
-
-    def _produce(self, task: TaskData, head) -> None:
-        """A fine-tune or training-method unit: one model into the pool."""
-        unit = self.unit
-        if unit.kind == "finetune":
-            self._pool(unit.seed, task, head, only=unit.index)
-        else:
-            self._method_models(unit.method, unit.seed, task, head, only=unit.index)
 
     def _evaluate_task(self, ctx: EvalContext) -> None:
         """Every stage for one (seed, forget dataset)."""
@@ -337,9 +413,10 @@ class ClipRun:
 
     # -- stages ----------------------------------------------------------------------------------
     def _zero_shot(self, ctx: EvalContext) -> None:
-        forget_val, ctx.zs_control_val = self.evals.get_or_compute(
-            {"zero-shot val": ctx.task.name}, lambda: self._accuracy(self.theta0, "val", ctx)
+        ctx.zs_val = tuple(
+            self.evals.get_or_compute({"zero-shot val": ctx.task.name}, lambda: self._accuracy(self.theta0, "val", ctx))
         )
+        forget_val = ctx.zs_val[0]
         test = self._cached_test("zero-shot", 0.0, lambda: self.theta0, ctx)
         for method in self.cfg.methods:
             if get_method(method).kind == "reference":
@@ -440,3 +517,8 @@ class ClipRun:
         chosen = entries[best]
         test = self._cached_test(chosen.key, 1.0, lambda: Edit(load_file(chosen.path), 1.0), ctx)
         self.rec.result(ctx.row, method, selections[best], test, self.cfg.selection.floor, chosen=chosen.key)
+
+
+def _producer(cfg_json: str, out: str, cache: str) -> ClipRun:
+    """A spawned worker's producer (``bench.producers``): the suite, set up on its first unit."""
+    return ClipRun(ClipSuite.model_validate_json(cfg_json), Path(out), Path(cache), producer=True)

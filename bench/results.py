@@ -152,6 +152,9 @@ class RunRecorder:
             )
 
     def pool_member(self, entry, tag: str, label: str) -> None:
+        """Record a pool entry once (a run made ahead in parallel meets its entries again later)."""
+        if any(member["key"] == entry.key for member in self.pool):
+            return
         self.pool.append(
             {
                 "key": entry.key,

@@ -31,6 +31,53 @@ def test_load_edit_gives_the_bits_of_apply():
         assert all(torch.equal(in_place.params[k], rebuilt.params[k]) for k in theta0)
 
 
+def test_lanes_evaluate_lambda_points_concurrently_with_the_bits_of_one_lane():
+    from bench.data import ImageSplit
+    from bench.lanes import Lanes
+
+    backbone = load_backbone("mini-clip-vit", None)
+    theta0 = visual_state(backbone)
+    tau = {k: 0.05 * torch.randn_like(v) for k, v in theta0.items()}
+    split = ImageSplit(
+        labels=torch.zeros(96, dtype=torch.long), images=torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8)
+    )
+    head = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+    lambdas = [0.1 * i for i in range(9)]
+
+    def point(ev: Evaluator, lam: float) -> torch.Tensor:
+        ev.load_edit(tau, -lam)
+        return ev.logits(split, head)
+
+    def sweep(n: int) -> list[torch.Tensor]:
+        ev = Evaluator(backbone, batch_size=32)
+        ev.set_base(theta0)
+        lanes = Lanes(ev, n)
+        assert len({id(e.visual) for e in lanes.evaluators}) == n  # each lane its own encoder
+        try:
+            return lanes.map(point, lambdas)
+        finally:
+            lanes.close()
+
+    one, three = sweep(1), sweep(3)
+    assert all(torch.equal(a, b) for a, b in zip(one, three, strict=True))
+    assert not torch.equal(one[0], one[-1])  # the points differ: the lanes did not share weights
+
+
+def test_a_failing_lambda_point_stops_the_sweep_with_its_error():
+    from bench.lanes import Lanes
+
+    lanes = Lanes(Evaluator(load_backbone("mini-clip-vit", None)), 2)
+
+    def point(ev, lam):
+        if lam == 3:
+            raise ValueError("task vector: key 'proj' contains NaN or Inf")
+        return lam
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lanes.map(point, range(8))
+    lanes.close()
+
+
 def test_bf16_autocast_on_cpu_changes_the_forward_not_the_weights():
     backbone = load_backbone("mini-clip-vit", None)
     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,22 @@ def test_randaugment_candidates_are_reproducible():
     assert torch.equal(first, second)
     with _seeded_global_rngs(8):
         assert not torch.equal(first, augment(images))
+
+
+def test_jobs_change_the_speed_not_a_single_number(tiny_backbone, tmp_path, monkeypatch):
+    """jobs=1 (one process, one evaluation lane) against jobs=2 (two lanes; the fine-tunes made in this
+    process and a spawned worker), each cold in its own cache: results and curves bit for bit equal."""
+    runs = {}
+    for jobs in (1, 2):
+        cache = tmp_path / f"cache{jobs}"
+        shutil.copytree(tiny_backbone.parent, cache / "backbones")
+        monkeypatch.setenv("NEGMERGE_CACHE", str(cache))
+        out = tmp_path / f"jobs{jobs}"
+        argv = ["run", "mini-clip-tiny", "--no-report", "--out", str(out), "--set", f"jobs={jobs}"]
+        assert main([*argv, "--set", f"backbone.pretrained={tiny_backbone}", "--set", "forget=[sklearn-digits]"]) == 0
+        runs[jobs] = out
+    manifest = json.loads((runs[2] / "manifest.json").read_text())
+    assert manifest["runtime"]["jobs"] == 2
+    assert len({p["computed_by"] for p in manifest["pool"]}) == 2  # two processes made the pool
+    for name in ("results.csv", "curves.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(runs[1] / name), pd.read_csv(runs[2] / name))
