@@ -11,7 +11,11 @@ K chunks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 
 import torch
 
@@ -96,15 +100,6 @@ def floating_keys_of(source: TensorSource) -> list[str]:
     return [k for k in source.keys() if source.is_floating(k)]
 
 
-def iter_float32_chunks(tensor: torch.Tensor, chunk: int | None = None):
-    """(start, float32 chunk) over a tensor's flattened values; converts one chunk at a time."""
-    chunk = chunk or CHUNK_ELEMENTS
-    flat = tensor.reshape(-1)
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk]
-        yield start, part if part.dtype == torch.float32 else part.to(torch.float32)
-
-
 def _check_finite(total: torch.Tensor, chunks: list[torch.Tensor], sources: Sequence[TensorSource], key: str) -> bool:
     """Raise naming the first candidate with a NaN or Inf in this chunk; else say whether the sum is finite.
 
@@ -120,23 +115,76 @@ def _check_finite(total: torch.Tensor, chunks: list[torch.Tensor], sources: Sequ
     return False
 
 
+def merge_threads() -> int:
+    """Threads a merge spreads its chunks over: ``$NEGMERGE_MERGE_THREADS``, else torch's thread count."""
+    value = os.environ.get("NEGMERGE_MERGE_THREADS", "")
+    if value.strip():
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise MergeInputError(f"NEGMERGE_MERGE_THREADS must be a whole number, got {value!r}") from None
+    return torch.get_num_threads()
+
+
+@contextmanager
+def _one_thread_per_op() -> Iterator[None]:
+    """Chunks run side by side, each op on one core (no oversubscription by intra-op threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[str, torch.Tensor]:
-    """Run ``reduce`` over every chunk of every floating tensor; output dtype = candidate 0's dtype."""
+    """Run ``reduce`` over every chunk of every floating tensor; output dtype = candidate 0's dtype.
+
+    Chunks are independent (each writes its own slice of the output), so ``merge_threads()`` threads
+    take them in turn (torch releases the GIL inside ops): every chunk is computed by the same ops on
+    the same values whichever thread runs it, so the result does not depend on the thread count. A
+    window of a few chunks per thread is in flight, so tensors are opened key by key as before.
+    """
     sources = open_sources(candidates)
     out: dict[str, torch.Tensor] = {}
-    for key in floating_keys_of(sources[0]):
-        tensors = [src.get(key) for src in sources]
-        result = torch.empty(tensors[0].shape, dtype=tensors[0].dtype)
-        flat_out = result.reshape(-1)
-        streams = [iter_float32_chunks(t) for t in tensors]
-        for parts in zip(*streams):
-            start = parts[0][0]
-            chunks = [c for _, c in parts]
-            where = Where(key, start, chunks, sources)
-            merged = reduce(chunks, where)
-            if not where.checked:
-                where.total  # noqa: B018 (evaluating it runs the NaN/Inf check)
-            flat_out[start : start + merged.numel()] = merged
-        del tensors, streams
-        out[key] = result
+
+    def tasks() -> Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor]]:
+        for key in floating_keys_of(sources[0]):
+            flats = [src.get(key).reshape(-1) for src in sources]
+            out[key] = torch.empty(sources[0].shape(key), dtype=flats[0].dtype)
+            flat_out = out[key].reshape(-1)
+            for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
+                yield key, start, flats, flat_out
+
+    def run(task: tuple[str, int, list[torch.Tensor], torch.Tensor]) -> None:
+        key, start, flats, flat_out = task
+        chunks = [_float32(f[start : start + CHUNK_ELEMENTS]) for f in flats]
+        where = Where(key, start, chunks, sources)
+        merged = reduce(chunks, where)
+        if not where.checked:
+            where.total  # noqa: B018 (evaluating it runs the NaN/Inf check)
+        flat_out[start : start + merged.numel()] = merged
+
+    threads = merge_threads()
+    if threads == 1:
+        for task in tasks():
+            run(task)
+        return out
+    with _one_thread_per_op(), ThreadPoolExecutor(threads) as pool:
+        in_flight: deque[Future] = deque()
+        try:
+            for task in tasks():
+                in_flight.append(pool.submit(run, task))
+                if len(in_flight) >= 4 * threads:
+                    in_flight.popleft().result()  # errors surface in chunk order, as without threads
+            while in_flight:
+                in_flight.popleft().result()
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
     return out
+
+
+def _float32(part: torch.Tensor) -> torch.Tensor:
+    return part if part.dtype == torch.float32 else part.to(torch.float32)

@@ -134,12 +134,27 @@ def test_chunk_boundaries_do_not_change_results(monkeypatch, name):
         assert torch.equal(whole[k], chunked[k]), k
 
 
-@pytest.mark.parametrize("m", [1, 2, 50, 999, 1000])
-def test_radix_select_matches_kthvalue(m):
-    from baselines.topk_cut import mth_largest_magnitude
+@pytest.mark.parametrize("sample", [None, 64])  # the radix select; the sampled bracket (a 64-value sample)
+@pytest.mark.parametrize("m", [1, 2, 50, 200, 777, 999, 1000])
+def test_topk_cut_matches_kthvalue(m, sample, monkeypatch):
+    from baselines import topk_cut
 
+    if sample:
+        monkeypatch.setattr(topk_cut, "SAMPLE", sample)
     torch.manual_seed(m)
-    parts = [torch.randn(300) * 1e-3, torch.randn(500), torch.zeros(200)]
+    parts = [torch.randn(300) * 1e-3, torch.randn(500), torch.zeros(200), torch.randn(7).round()]  # ties too
     everything = torch.cat(parts).abs()
     expected = float(torch.kthvalue(everything, everything.numel() - m + 1).values)
-    assert mth_largest_magnitude(lambda: iter(parts), m) == expected
+    assert topk_cut.mth_largest_magnitude(lambda: iter(parts), m) == expected
+
+
+def test_topk_cut_falls_back_to_the_exact_select_when_the_bracket_misses(monkeypatch):
+    from baselines import topk_cut
+
+    monkeypatch.setattr(topk_cut, "SAMPLE", 64)
+    monkeypatch.setattr(topk_cut, "Z", 0.0)  # a bracket too narrow to hold the answer, most times
+    parts = [torch.randn(4000, generator=torch.Generator().manual_seed(3))]
+    everything = parts[0].abs()
+    for m in (10, 500, 2000):
+        expected = float(torch.kthvalue(everything, everything.numel() - m + 1).values)
+        assert topk_cut.mth_largest_magnitude(lambda: iter(parts), m) == expected

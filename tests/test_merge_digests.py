@@ -1,0 +1,59 @@
+"""Every merge's output, bit for bit, as the code gave it when these digests were written: a speed-up
+of the streaming engine or of a merge's arithmetic (threads, fused ops, a faster top-k cut) must not
+change a single bit. The pool has multi-chunk tensors, exact zeros, ties and a bfloat16 variant."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+
+import pytest
+import torch
+
+from baselines import get_merge
+from negmerge import streaming
+
+
+def golden_pool(k: int = 7, dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1234)
+    shapes = {"a": (600, 700), "b": (1000,), "c": (5, 7, 11)}  # "a" spans two engine chunks
+    common = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    pool = []
+    for _ in range(k):
+        # multiples of 1/64: exact zeros, equal magnitudes and zero sums occur
+        pool.append(
+            {
+                n: (torch.round((c + 0.7 * torch.randn(c.shape, generator=g)) * 64) / 64).to(dtype)
+                for n, c in common.items()
+            }
+        )
+    return pool
+
+
+def digest(merged: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(merged):
+        h.update(key.encode())
+        h.update(merged[key].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+CASES = {
+    ("negmerge", "{}", "float32"): "ba8908086c45925e",
+    ("negmerge", "{'threshold': 0.6}", "float32"): "17b3b8ae7d8788b1",
+    ("average", "{}", "float32"): "d5a65f4664c2f1e2",
+    ("magmax", "{}", "float32"): "9e5a9085a56d5491",
+    ("ties", "{}", "float32"): "36180e844a40a92a",
+    ("ties", "{'k': 0.5, 'scope': 'tensor'}", "float32"): "50a8274983a6a6d6",
+    ("negmerge", "{}", "bfloat16"): "3ce9bc2ad88fa5f1",
+    ("ties", "{}", "bfloat16"): "7582ed5c922a0916",
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("name", "params", "dtype"), list(CASES))
+def test_merge_output_is_bit_identical_to_its_digest(name, params, dtype, threads, monkeypatch):
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 1 << 16)  # many chunks: the threads share them out
+    monkeypatch.setenv("NEGMERGE_MERGE_THREADS", str(threads))
+    merged = get_merge(name)(golden_pool(dtype=getattr(torch, dtype)), **ast.literal_eval(params))
+    assert digest(merged) == CASES[(name, params, dtype)]
