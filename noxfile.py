@@ -60,20 +60,11 @@ def regression(session: nox.Session) -> None:
 
 @nox.session
 def perf(session: nox.Session) -> None:
-    """Speed and memory benchmarks (pytest-benchmark): merge streaming vs naive at ViT-B-32 scale, and lambda
-    sweeps over file-backed vs in-memory splits."""
-    session.run(
-        "python",
-        "-m",
-        "pytest",
-        "benchmarks",
-        "-q",
-        "-s",
-        "-p",
-        "no:cacheprovider",
-        "--benchmark-only",
-        *session.posargs,
-    )
+    """Speed and memory benchmarks (pytest-benchmark): every merge against one plain read at K=10 ViT-B-32
+    and K=30 ViT-L/14, lambda sweeps over file-backed vs in-memory splits, harness overheads. Arguments
+    pick files or tests (``-- benchmarks/test_merge_perf.py``)."""
+    targets = session.posargs or ["benchmarks"]
+    session.run("python", "-m", "pytest", *targets, "-q", "-s", "-p", "no:cacheprovider", "--benchmark-only")
 
 
 @nox.session

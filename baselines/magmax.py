@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from negmerge.sources import SourceLike
@@ -13,17 +14,17 @@ from negmerge.streaming import Where, merge_elementwise
 def _max_magnitude(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
     """Fold over the candidates in order; ">=" so a tie goes to the later one (docs/metrics.md#merges).
 
-    Float ops only (this torch's comparisons and torch.where are several times slower): ``take`` is
-    sign(|t| - |best|) + 1 clamped to 1, i.e. 1.0 where |t| >= |best| and 0.0 elsewhere, and
-    lerp with a weight of exactly 0 or 1 returns ``best`` or ``t`` bit for bit.
+    ``take`` is 1.0 where |t| >= |best| and 0.0 elsewhere (the comparison in numpy: this torch's
+    comparisons and torch.where are several times slower), and lerp with a weight of exactly 0 or 1
+    returns ``best`` or ``t`` bit for bit, signed zeros included.
     """
     best = tensors[0]
-    best_abs = best.abs()
+    best_abs = np.abs(best.numpy())
     for t in tensors[1:]:
-        mag = t.abs()
-        take = torch.sign(mag - best_abs).add_(1).clamp_(max=1)
+        mag = np.abs(t.numpy())
+        take = torch.from_numpy(np.greater_equal(mag, best_abs).astype(np.float32))
         best = torch.lerp(best, t, take)
-        best_abs = torch.maximum(best_abs, mag, out=best_abs)
+        np.maximum(best_abs, mag, out=best_abs)
     return best.clone() if best is tensors[0] else best
 
 

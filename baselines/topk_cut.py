@@ -1,11 +1,12 @@
 """Exact "m-th largest magnitude" over a stream of tensors, without holding them all.
 
-Two streaming passes. The first reads a systematic sample of about a million magnitudes and brackets
-the answer between two sample order statistics, six standard deviations of the sample rank apart.
+Two streaming passes. The first reads a systematic sample of about a million magnitudes (in blocks of
+neighbours, so it reads a few percent of the pages) and brackets the answer between two sample order
+statistics, eight standard deviations of the sample rank either side.
 The second counts the magnitudes at or above the bracket's top and collects the few inside it; the
 answer is then an order statistic of that small set. Comparisons and counting run in numpy, whose
-bool ops are vectorised (this torch's are several times slower). If the bracket missed (a chance of
-about one in a billion) or the stream is small, the answer comes from an exact radix select instead
+bool ops are vectorised (this torch's are several times slower). Where the bracket missed (rare; it
+costs time, never exactness) or the stream is small, an exact radix select answers instead
 (histograms of the float bits: non-negative float32 values order as their int32 patterns).
 """
 
@@ -19,7 +20,8 @@ import torch
 
 Stream = Callable[[], Iterable[torch.Tensor]]  # re-iterable: called once per pass
 SAMPLE = 1 << 20  # magnitudes in the first pass's sample
-Z = 6.0  # the bracket's half-width in standard deviations of the sample rank
+BLOCK = 256  # ... taken as blocks of this many neighbours
+Z = 8.0  # the bracket's half-width in (iid) standard deviations of the sample rank: neighbours correlate
 
 
 def _magnitudes(t: torch.Tensor) -> np.ndarray:
@@ -48,23 +50,32 @@ def mth_largest_magnitude(stream: Stream, m: int, n: int | None = None) -> float
 
 
 def _bracket(stream: Stream, m: int, n: int) -> tuple[float, float] | None:
-    """(lo, hi) with the answer in [lo, hi) but for a vanishing chance; None where none is useful."""
-    step = max(1, n // SAMPLE)
+    """(lo, hi) with the answer in [lo, hi) but for a vanishing chance; None where none is useful.
+
+    The sample is systematic in blocks of BLOCK neighbours, so the pass touches only the pages it
+    samples (a strided sample of single values would fault in every page of a memory-mapped file)."""
+    stride = BLOCK * max(1, n // SAMPLE)
     parts, offset = [], 0
     for t in stream():
         flat = t.reshape(-1)
-        first = (-offset) % step  # one systematic sample across the tensors' concatenation
-        parts.append(_magnitudes(flat[first::step]))
+        first = (-offset) % stride
+        whole = max(0, (flat.numel() - first) // stride)  # blocks with a full stride after them: one 2-D view
+        if whole:
+            parts.append(_magnitudes(flat[first : first + whole * stride].view(whole, stride)[:, :BLOCK]))
+        if first + whole * stride < flat.numel():
+            parts.append(_magnitudes(flat[first + whole * stride :][:BLOCK]))
         offset += flat.numel()
-    sample = np.sort(np.concatenate(parts))[::-1]  # descending
+    sample = np.concatenate(parts)
     s = sample.size
     q = m / n
     centre = q * s
     half = Z * math.sqrt(s * q * (1 - q)) + 2
-    top, bottom = int(centre - half), int(math.ceil(centre + half))
+    top, bottom = int(centre - half), int(math.ceil(centre + half))  # ranks from the largest, 0-based
     if top < 1 or bottom >= s:
         return None  # the cut lies in the sample's extremes: the radix select is as cheap
-    return float(sample[bottom]), float(sample[top])
+    low, high = s - 1 - bottom, s - 1 - top  # the same order statistics, counted from the smallest
+    ordered = np.partition(sample, [low, high])
+    return float(ordered[low]), float(ordered[high])
 
 
 def _radix(stream: Stream, m: int) -> float:

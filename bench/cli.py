@@ -45,9 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _runtime_overrides(args: argparse.Namespace) -> list[str]:
-    """--device / --precision as the config overrides they are (after --set: the flags win)."""
+    """--device / --precision / --jobs as the config overrides they are (after --set: the flags win)."""
     extra = [f"device={args.device}"] if getattr(args, "device", None) else []
     extra += [f"precision={args.precision}"] if getattr(args, "precision", None) else []
+    extra += [f"jobs={args.jobs}"] if getattr(args, "jobs", None) else []
     args.set = [*args.set, *extra]  # cluster jobs get the same overrides
     return args.set
 
@@ -256,6 +257,7 @@ def _cache_gc(root: Path, args: argparse.Namespace) -> int:
 def _runtime_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision of forward passes")
+    parser.add_argument("--jobs", help="work run at once here: auto (one per `threads` cores on a CPU) or N")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,8 +114,9 @@ class RuntimeFields(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast for forward passes; fp32 master weights
     compile: bool = False  # torch.compile the image encoder / classifier
     deterministic: bool = True  # deterministic kernels: a rerun reproduces every number (off: cuDNN autotuning)
-    # independent work run at once on this machine (lambda points; pool fine-tunes), each with `threads`
-    # threads; auto: one per `threads` cores on a CPU, 1 on an accelerator. Results never depend on it.
+    # independent work run at once on this machine (Protocol A's lambda points, test splits and pool
+    # fine-tunes; Protocol B trains one model at a time), each with `threads` threads; auto: one per
+    # `threads` cores on a CPU, 1 on an accelerator. Results never depend on it.
     jobs: int | Literal["auto"] = "auto"
 
     @field_validator("device")

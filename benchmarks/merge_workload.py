@@ -8,29 +8,41 @@ import torch
 from safetensors import safe_open
 
 from baselines import get_merge
-from negmerge import save_state
 
 
-def vit_b32_visual_shapes() -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the real architecture (random init, no weights needed)."""
+def visual_shapes(name: str = "ViT-B-32") -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of a real open_clip image encoder (random init, no weights needed)."""
     import open_clip
 
-    model = open_clip.create_model("ViT-B-32", pretrained=None)
-    return {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if torch.is_floating_point(v)}
+    model = open_clip.create_model(name, pretrained=None)
+    shapes = {k: tuple(v.shape) for k, v in model.visual.state_dict().items() if torch.is_floating_point(v)}
+    del model
+    return shapes
 
 
 def write_pool(directory: Path, k: int, shapes: dict[str, tuple[int, ...]]) -> list[Path]:
-    """K correlated random task vectors (shared direction + per-candidate noise), as safetensors."""
+    """K correlated random task vectors (shared direction + per-candidate noise), as safetensors.
+
+    Made one tensor at a time (a ViT-L/14 pool is 36 GB: it never exists in memory)."""
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
-    common_gen = torch.Generator().manual_seed(0)
-    common = {key: torch.randn(shape, generator=common_gen) * 1e-3 for key, shape in shapes.items()}
-    paths = []
-    for i in range(k):
-        path = directory / f"tv{i:02d}.safetensors"
-        if not path.exists():
-            g = torch.Generator().manual_seed(i + 1)
-            save_state({key: c + torch.randn(c.shape, generator=g) * 1e-3 for key, c in common.items()}, path)
-        paths.append(path)
+    paths = [directory / f"tv{i:02d}.safetensors" for i in range(k)]
+    if all(p.exists() for p in paths):
+        return paths
+    for i, path in enumerate(paths):
+        if path.exists():
+            continue
+        common_gen = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(i + 1)
+        tensors = {}
+        for key, shape in shapes.items():  # the shared direction, regenerated key by key in the same order
+            common = torch.randn(shape, generator=common_gen)
+            tensors[key] = (common.add_(torch.randn(shape, generator=g))).mul_(1e-3)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.rename(path)
+        del tensors
     return paths
 
 

@@ -30,6 +30,7 @@ def test_training_method_without_settings_is_refused():
         ("merge_params={tie: {k: 0.2}}", "merge_params: Value error, unknown merge 'tie'; did you mean 'ties'?"),
         ("methods=[negmerg]", "methods: Value error, unknown method 'negmerg'; did you mean 'negmerge'?"),
         ("methods=[zeroshot,rl]", "method 'rl' is not offered by protocol clip (it needs forget, relabel, retain)"),
+        ("jobs=0", "jobs: Value error, jobs must be auto or >= 1, got 0"),
         ("methods=[retrain]", "method 'retrain' is not offered by protocol clip; offered: zeroshot, ga,"),
         ("baselines={salun: {grid: {lr: [0.1]}}}", "baselines: Value error, baseline 'salun' is not offered by"),
         (
@@ -186,3 +187,11 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path, monkeypatch, c
     monkeypatch.setattr(bench.report, "write_atomic", lambda path, write, mode="w": write_atomic(path, full, mode))
     assert main(["report", str(run)]) == 2
     assert "error: no space left writing" in capsys.readouterr().err
+
+
+def test_the_jobs_flag_overrides_the_suite():
+    from bench.cli import _runtime_overrides, build_parser
+
+    args = build_parser().parse_args(["run", "mini-clip", "--jobs", "3", "--set", "jobs=1"])
+    assert load_suite("mini-clip", _runtime_overrides(args)).jobs == 3
+    assert load_suite("mini-clip").jobs == "auto"

@@ -78,6 +78,30 @@ def test_a_failing_lambda_point_stops_the_sweep_with_its_error():
     lanes.close()
 
 
+def test_compile_true_evaluates_the_compiled_encoder_and_follows_in_place_edits():
+    """compile: true wraps the encoder in torch.compile (inductor, on CPU here): the same predictions as
+    eager, and a lambda point written in place reaches the compiled graph (parameters are its inputs)."""
+    from bench.data import ImageSplit
+
+    backbone = load_backbone("mini-clip-vit", None)
+    theta0 = visual_state(backbone)
+    tau = {k: 0.05 * torch.randn_like(v) for k, v in theta0.items()}
+    split = ImageSplit(
+        labels=torch.zeros(64, dtype=torch.long), images=torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    )
+    head = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+    eager, compiled = Evaluator(backbone), Evaluator(backbone, runtime=resolve_runtime("cpu", compile=True))
+    assert compiled.forward is not compiled.visual  # the torch.compile wrapper
+    for ev in (eager, compiled):
+        ev.set_base(theta0)
+    for coef in (0.0, -0.7):
+        eager.load_edit(tau, coef)
+        compiled.load_edit(tau, coef)
+        a, b = eager.logits(split, head), compiled.logits(split, head)
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
 def test_bf16_autocast_on_cpu_changes_the_forward_not_the_weights():
     backbone = load_backbone("mini-clip-vit", None)
     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
