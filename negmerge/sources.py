@@ -11,7 +11,6 @@ import mmap
 import os
 import struct
 import sys
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
@@ -78,7 +77,6 @@ class SafetensorsSource:
             raise MergeInputError(f"{self.path} is not a readable safetensors file: {exc}") from exc
         self._keys = list(self._handle.keys())
         self._layout, self._mapping = _map_file(self.path)
-        self._fd: int | None = None  # opened by the first read_into
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -88,27 +86,6 @@ class SafetensorsSource:
 
     def is_floating(self, key: str) -> bool:
         return self._handle.get_slice(key).get_dtype() in _FLOAT_DTYPES
-
-    def read_into(self, key: str, start: int, out: torch.Tensor) -> bool:
-        """Copy elements ``start .. start + out.numel()`` of ``key`` (flattened) into ``out``, a contiguous
-        tensor of the key's dtype, with one ``pread``: the kernel copies page-cache bytes into a buffer
-        that stays in the CPU cache, no page of the file is mapped (faulting in a mapping's pages cost a
-        merge more than its arithmetic). False where the layout is unknown: use ``get``."""
-        layout = self._layout.get(key) if self._mapping is not None else None
-        if layout is None or layout[0] != out.dtype or start + out.numel() > layout[3]:
-            return False
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-            weakref.finalize(self, os.close, self._fd)
-        view = memoryview(out.view(torch.uint8).numpy())
-        offset = layout[2] + start * out.element_size()
-        done = 0
-        while done < len(view):  # a pread may return fewer bytes than asked
-            got = os.preadv(self._fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise MergeInputError(f"{self.path}: key {key!r} ends before its header says (file truncated?)")
-            done += got
-        return True
 
     def get(self, key: str) -> torch.Tensor:
         layout = self._layout.get(key) if self._mapping is not None else None

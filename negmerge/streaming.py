@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -148,33 +147,18 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
     """
     sources = open_sources(candidates)
     out: dict[str, torch.Tensor] = {}
-    buffers = threading.local()  # per thread: K reusable chunk buffers per dtype, hot in its core's cache
 
-    def tasks() -> Iterator[tuple[str, int, list[torch.Tensor | None], torch.Tensor]]:
+    def tasks() -> Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor]]:
         for key in floating_keys_of(sources[0]):
-            # files are read chunk by chunk into the buffers; other sources are sliced in place
-            flats = [None if hasattr(src, "read_into") else src.get(key).reshape(-1) for src in sources]
-            out[key] = torch.empty(sources[0].shape(key), dtype=_dtype_of(sources[0], key, flats[0]))
+            flats = [src.get(key).reshape(-1) for src in sources]  # files: zero-copy views of their pages
+            out[key] = torch.empty(sources[0].shape(key), dtype=flats[0].dtype)
             flat_out = out[key].reshape(-1)
             for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
                 yield key, start, flats, flat_out
 
-    def chunk_of(i: int, key: str, start: int, n: int, flat: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        if flat is None:
-            pool = buffers.__dict__.setdefault(dtype, {})
-            if i not in pool:
-                pool[i] = torch.empty(CHUNK_ELEMENTS, dtype=dtype)
-            buffer = pool[i][:n]
-            if sources[i].read_into(key, start, buffer):
-                return _float32(buffer)
-            flat = sources[i].get(key).reshape(-1)  # a layout the file view cannot give: safetensors' copy
-        return _float32(flat[start : start + n])
-
-    def run(task: tuple[str, int, list[torch.Tensor | None], torch.Tensor]) -> None:
-        """One chunk; its input chunks are valid only during ``reduce`` (buffers are reused)."""
+    def run(task: tuple[str, int, list[torch.Tensor], torch.Tensor]) -> None:
         key, start, flats, flat_out = task
-        n = min(CHUNK_ELEMENTS, flat_out.numel() - start)
-        chunks = [chunk_of(i, key, start, n, flat, flat_out.dtype) for i, flat in enumerate(flats)]
+        chunks = [_float32(f[start : start + CHUNK_ELEMENTS]) for f in flats]
         where = Where(key, start, chunks, sources)
         merged = reduce(chunks, where)
         if not where.checked:
@@ -200,10 +184,6 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
                 future.cancel()
             raise
     return out
-
-
-def _dtype_of(source: TensorSource, key: str, flat: torch.Tensor | None) -> torch.dtype:
-    return flat.dtype if flat is not None else source.get(key).dtype  # a file's get is a free view
 
 
 def _float32(part: torch.Tensor) -> torch.Tensor:
