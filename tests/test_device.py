@@ -31,17 +31,22 @@ def test_load_edit_gives_the_bits_of_apply():
         assert all(torch.equal(in_place.params[k], rebuilt.params[k]) for k in theta0)
 
 
-def test_lanes_evaluate_lambda_points_concurrently_with_the_bits_of_one_lane():
+def _edit_case(n: int):
+    """The mini encoder, theta_0, a random task vector, n random images and a random head."""
     from bench.data import ImageSplit
-    from bench.lanes import Lanes
 
     backbone = load_backbone("mini-clip-vit", None)
     theta0 = visual_state(backbone)
     tau = {k: 0.05 * torch.randn_like(v) for k, v in theta0.items()}
-    split = ImageSplit(
-        labels=torch.zeros(96, dtype=torch.long), images=torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8)
-    )
-    head = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+    split = ImageSplit(labels=torch.zeros(n, dtype=torch.long), images=images)
+    return backbone, theta0, tau, split, torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+
+
+def test_lanes_evaluate_lambda_points_concurrently_with_the_bits_of_one_lane():
+    from bench.lanes import Lanes
+
+    backbone, theta0, tau, split, head = _edit_case(96)
     lambdas = [0.1 * i for i in range(9)]
 
     def point(ev: Evaluator, lam: float) -> torch.Tensor:
@@ -81,15 +86,7 @@ def test_a_failing_lambda_point_stops_the_sweep_with_its_error():
 def test_compile_true_evaluates_the_compiled_encoder_and_follows_in_place_edits():
     """compile: true wraps the encoder in torch.compile (inductor, on CPU here): the same predictions as
     eager, and a lambda point written in place reaches the compiled graph (parameters are its inputs)."""
-    from bench.data import ImageSplit
-
-    backbone = load_backbone("mini-clip-vit", None)
-    theta0 = visual_state(backbone)
-    tau = {k: 0.05 * torch.randn_like(v) for k, v in theta0.items()}
-    split = ImageSplit(
-        labels=torch.zeros(64, dtype=torch.long), images=torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
-    )
-    head = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+    backbone, theta0, tau, split, head = _edit_case(64)
     eager, compiled = Evaluator(backbone), Evaluator(backbone, runtime=resolve_runtime("cpu", compile=True))
     assert compiled.forward is not compiled.visual  # the torch.compile wrapper
     for ev in (eager, compiled):
