@@ -124,14 +124,16 @@ class ClipRun:
     def _accuracy(
         self, state: Weights, split_name: str, ctx: EvalContext, ev: Evaluator | None = None
     ) -> tuple[float, float]:
-        """(forget, control) top-1 of ``state`` on ``split_name`` (val or test), on lane ``ev``."""
-        ev = self.ev if ev is None else ev
-        _load(ev, state)
+        """(forget, control) top-1 of ``state`` on ``split_name`` (val or test): on lane ``ev`` (a sweep's
+        point), or spread over all lanes in batch-aligned chunks (a single evaluation)."""
         f_split, c_split = getattr(ctx.task, split_name), getattr(ctx.control, split_name)
-        return (
-            top1(ev.logits(f_split, ctx.head), f_split.labels),
-            top1(ev.logits(c_split, ctx.head_c), c_split.labels),
-        )
+        jobs = [(f_split, ctx.head), (c_split, ctx.head_c)]
+        if ev is None:
+            logits = self.lanes.logits(lambda lane: _load(lane, state), jobs)
+        else:
+            _load(ev, state)
+            logits = [ev.logits(split, head) for split, head in jobs]
+        return top1(logits[0], f_split.labels), top1(logits[1], c_split.labels)
 
     def _curve(self, vid: str, tau, ctx: EvalContext, desc: str) -> tuple[list[float], list[float]]:
         """Forget and control Val top-1 of theta_0 - lambda * tau at every lambda (cached). The points
