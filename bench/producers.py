@@ -41,14 +41,15 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
-def _make(unit: dict[str, Any]) -> str:
+def _make(unit: dict[str, Any]) -> list[str]:
     return _PRODUCER.produce(Unit.from_dict(unit))
 
 
-def produce_in_workers(producer, make_worker, units: list[Unit], jobs: int, progress: bool = True) -> None:
+def produce_in_workers(producer, make_worker, units: list[Unit], jobs: int, progress: bool = True) -> set[str]:
     """``producer.produce(unit)`` for every unit, ``jobs`` at a time: here and in ``jobs - 1`` worker
     processes, forked from this one where the platform can (else spawned, each running the picklable
-    ``make_worker()`` to get its own producer). This process works from the start."""
+    ``make_worker()`` to get its own producer). This process works from the start. Returns the keys
+    of the entries made (not found in the cache), wherever they were made."""
     global _PRODUCER
     _PRODUCER = producer
     fork = "fork" in multiprocessing.get_all_start_methods()
@@ -62,20 +63,22 @@ def produce_in_workers(producer, make_worker, units: list[Unit], jobs: int, prog
         tqdm(total=len(units), desc=f"fine-tunes ({workers + 1} at a time)", leave=False, disable=not progress) as bar,
     ):
         running: set[Future] = set()
+        made: set[str] = set()
         try:
             while pending or running:
                 while pending and len(running) < workers:
                     running.add(pool.submit(_make, pending.popleft().to_dict()))
                 if pending:
-                    producer.produce(pending.popleft())
+                    made.update(producer.produce(pending.popleft()))
                     bar.update()
                 else:
                     wait(running, return_when=FIRST_COMPLETED)
                 for future in [f for f in running if f.done()]:
                     running.remove(future)
-                    future.result()  # a worker's error is raised here, with its message
+                    made.update(future.result())  # a worker's error is raised here, with its message
                     bar.update()
         except BaseException:
             for future in running:
                 future.cancel()
             raise
+    return made

@@ -116,6 +116,7 @@ class ClipRun:
     ) -> None:
         """``unit``: run just that work unit; ``producer``: a worker that makes pool entries on demand."""
         self.cfg, self.out, self.cache, self.unit, self.producer = cfg, Path(out), Path(cache), unit, producer
+        self.made_ahead: set[str] = set()  # pool keys this run's producers made (bench.producers)
         self.rec = RunRecorder(self.out, cfg)
         self.pool = CandidatePool(self.cache / "pool")
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
@@ -241,6 +242,8 @@ class ClipRun:
                 return task_vector(ft, self.theta0)
 
             entry = self.pool.get_or_create(self._spec(grid, i, task), make)
+            if entry.key in self.made_ahead:  # made by this run's own workers: computed, not reused
+                entry = replace(entry, cached=False)
             self.rec.pool_member(entry, grid.tag, params.label())
             entries.append(entry)
         return entries
@@ -275,16 +278,16 @@ class ClipRun:
 
         with self.rec.timed("fine-tunes, in parallel"):
             spawned = partial(_producer, self.cfg.model_dump_json(), str(self.out), str(self.cache))
-            produce_in_workers(self, spawned, missing, len(self.lanes), self.cfg.progress)
+            self.made_ahead = produce_in_workers(self, spawned, missing, len(self.lanes), self.cfg.progress)
         self.rec.note(f"{len(missing)} fine-tunes made up to {len(self.lanes)} at a time (this and worker processes)")
 
-    def produce(self, unit: Unit) -> str:
-        """Make one produce unit's entry (``bench.producers``; a spawned worker sets up on first use)."""
+    def produce(self, unit: Unit) -> list[str]:
+        """Make one produce unit's entry (``bench.producers``; a spawned worker sets up on first use);
+        returns the keys it made (empty when another run had made it)."""
         if not hasattr(self, "tasks"):
             self.tasks = self._setup()
         task = self.tasks[unit.dataset]
-        self._candidates(unit, task, self._head(task))
-        return unit.label
+        return [e.key for e in self._candidates(unit, task, self._head(task)) if not e.cached]
 
     def quiet(self) -> None:
         """No progress bars (a worker process: the parent shows the one bar)."""
