@@ -94,14 +94,15 @@ class Evaluator:
         return self._resident[key][1]
 
     @torch.no_grad()
-    def logits(self, split: ImageSplit, head: torch.Tensor) -> torch.Tensor:
-        """float32 logits on the CPU, whatever the device and precision."""
+    def logits(self, split: ImageSplit, head: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """float32 logits on the CPU, whatever the device and precision; ``rows``: of those images only
+        (sliced from the resident copy, so a part of a split is not uploaded again)."""
         if split.file_backed:
             raise ValueError("file-backed split: decode it once with bench.data.prepare_eval before evaluating")
-        images = self._on_device(split)
+        images = self._on_device(split)[rows]
         head = head.to(self.rt.device)
         outs = []
-        for start in range(0, len(split), self.batch_size):
+        for start in range(0, len(images), self.batch_size):
             x = self.backbone.to_input(images[start : start + self.batch_size])
             with self.rt.autocast():
                 features = self.forward(x)

@@ -100,8 +100,7 @@ class Lanes:
                 load(ev)
                 loaded.add(id(ev))
             split, head = jobs[at[0]]
-            rows = slice(at[1], at[1] + step)
-            return ev.logits(ImageSplit(labels=split.labels[rows], images=split.images[rows]), head)
+            return ev.logits(split, head, rows=slice(at[1], at[1] + step))
 
         out = self.map(piece, pieces)
         return [torch.cat([o for (j, _), o in zip(pieces, out, strict=True) if j == k]) for k in range(len(jobs))]
