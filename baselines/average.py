@@ -6,12 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
+from negmerge import kernels
 from negmerge.sources import SourceLike
 from negmerge.streaming import Where, merge_elementwise
 
 
 def _mean(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-    return where.total / len(tensors)
+    """((t0 + t1) + ...) / K in one fused pass, written into the output."""
+    where.check(kernels.mean(where.addresses(), where.out.numel(), where.out.numpy()))
+    return where.out
 
 
 def average_merge(task_vectors: Sequence[SourceLike]) -> dict[str, torch.Tensor]:

@@ -7,8 +7,9 @@
    majority sign (sign of the sum of all elected signs over the whole vector) is used.
 3. Disjoint mean: mean of the trimmed entries whose sign equals the elected sign (at least 1).
 
-The cuts take two extra streaming passes (exact radix select); zero-sum elements are fixed up at the
-end once the majority sign is known, so the merge itself still streams chunk by chunk.
+Each cut takes one extra streaming pass (baselines/topk_cut.py: a sampled bracket, then one counting
+pass); zero-sum elements are fixed up at the end once the majority sign is known, so the merge itself
+still streams chunk by chunk.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from baselines.topk_cut import mth_largest_magnitude
+from negmerge import kernels
 from negmerge.errors import MergeInputError
 from negmerge.sources import SourceLike, TensorSource
 from negmerge.streaming import Where, floating_keys_of, merge_elementwise, merge_threads, open_sources
@@ -48,54 +49,38 @@ def _cut(source: TensorSource, keys: list[str], k: float) -> float:
 
 
 class _TiesReduce:
-    """Trim, elect, disjoint mean, chunk by chunk. Written with the ops this torch runs fastest
-    (float arithmetic; comparisons and counting in numpy, whose bool ops are vectorised): the same
-    values as the literal definition, bit for bit (tests/test_merge_digests.py).
+    """Trim, elect, disjoint mean, chunk by chunk, in one fused pass (negmerge.kernels.ties): the
+    same values as the literal definition, bit for bit (tests/test_merge_digests.py).
 
-    ``hardshrink(t, below(cut))`` is the trim in one op: it keeps t where |t| > the largest float
-    below the cut, i.e. |t| >= cut, and gives +0.0 elsewhere (exact zeros are never kept).
+    The trim is hardshrink by the largest float below the cut: it keeps t where |t| > below(cut),
+    i.e. |t| >= cut, and gives +0.0 elsewhere (exact zeros are never kept).
     """
 
     def __init__(self, cuts: list[dict[str, float]]) -> None:
-        self.shrink = [{key: _below(cut) for key, cut in c.items()} for c in cuts]
+        self.below = {key: np.array([_below(c[key]) for c in cuts], dtype=np.float32) for key in cuts[0]}
         self.elected_sign_total = 0
         self.lock = threading.Lock()
         self.deferred: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-        pos_sum = torch.zeros_like(tensors[0])
-        neg_sum = torch.zeros_like(tensors[0])
-        count_type = np.uint8 if len(tensors) < 256 else np.uint32
-        pos_cnt = np.zeros(tensors[0].shape, dtype=count_type)
-        neg_cnt = np.zeros(tensors[0].shape, dtype=count_type)
-        is_signed = np.empty(tensors[0].shape, dtype=bool)
-        for i, t in enumerate(tensors):
-            trimmed = F.hardshrink(t, self.shrink[i][where.key])
-            pos = torch.clamp_min(trimmed, 0)
-            neg = torch.clamp_max(trimmed, 0)
-            pos_sum += pos
-            neg_sum += neg
-            np.add(pos_cnt, np.greater(pos.numpy(), 0, out=is_signed).view(np.uint8), out=pos_cnt)
-            np.add(neg_cnt, np.less(neg.numpy(), 0, out=is_signed).view(np.uint8), out=neg_cnt)
-        mass = pos_sum + neg_sum  # non-finite wherever an input is NaN/Inf: the engine's input check
-        finite = where.provide_total(mass)
-        pos_mean = pos_sum / torch.from_numpy(np.maximum(pos_cnt, 1).astype(np.float32))
-        neg_mean = neg_sum / torch.from_numpy(np.maximum(neg_cnt, 1).astype(np.float32))
-        m = mass.numpy()
-        up, down = np.greater(m, 0), np.less(m, 0)
-        undecided = np.flatnonzero(~(up | down) & ((pos_cnt > 0) | (neg_cnt > 0)))
-        with self.lock:  # chunks may run on several threads (negmerge.streaming)
-            self.elected_sign_total += int(np.count_nonzero(up)) - int(np.count_nonzero(down))
-            if undecided.size:
-                index = torch.from_numpy(undecided)
-                self.deferred.append((where.key, index + where.start, pos_mean[index], neg_mean[index]))
-        if not finite:  # finite inputs overflowed: inf * 0 below would be NaN, so select instead
-            zero = torch.zeros(())
-            return torch.where(mass > 0, pos_mean, torch.where(mass < 0, neg_mean, zero))
-        # mass > 0: pos_mean + (-0.0); mass < 0: (+0.0) + neg_mean; mass == 0: +0.0 (fixed up later)
-        return pos_mean.mul_(torch.from_numpy(up.astype(np.float32))).add_(
-            neg_mean.mul_(torch.from_numpy(down.astype(np.float32)))
+        n = where.out.numel()
+        index, pos_mean, neg_mean = np.empty(n, np.int64), np.empty(n, np.float32), np.empty(n, np.float32)
+        finite, up, down, undecided = kernels.ties(
+            where.addresses(), n, self.below[where.key], where.out.numpy(), index, pos_mean, neg_mean
         )
+        where.check(finite)  # a NaN/Inf input makes its mass non-finite; finite overflow is no error
+        with self.lock:  # chunks may run on several threads (negmerge.streaming)
+            self.elected_sign_total += up - down
+            if undecided:
+                self.deferred.append(
+                    (
+                        where.key,
+                        torch.from_numpy(index[:undecided] + where.start),
+                        torch.from_numpy(pos_mean[:undecided].copy()),
+                        torch.from_numpy(neg_mean[:undecided].copy()),
+                    )
+                )
+        return where.out
 
     def fix_zero_sums(self, out: dict[str, torch.Tensor]) -> None:
         majority = (self.elected_sign_total > 0) - (self.elected_sign_total < 0)

@@ -4,8 +4,8 @@ Two streaming passes. The first reads a systematic sample of about a million mag
 neighbours, so it reads a few percent of the pages) and brackets the answer between two sample order
 statistics, eight standard deviations of the sample rank either side.
 The second counts the magnitudes at or above the bracket's top and collects the few inside it; the
-answer is then an order statistic of that small set. Comparisons and counting run in numpy, whose
-bool ops are vectorised (this torch's are several times slower). Where the bracket missed (rare; it
+answer is then an order statistic of that small set; the counting pass is one fused loop per tensor
+(negmerge.kernels.count_and_collect), so it reads each value once. Where the bracket missed (rare; it
 costs time, never exactness) or the stream is small, an exact radix select answers instead
 (histograms of the float bits: non-negative float32 values order as their int32 patterns).
 """
@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
+
+from negmerge import kernels
 
 Stream = Callable[[], Iterable[torch.Tensor]]  # re-iterable: called once per pass
 SAMPLE = 1 << 20  # magnitudes in the first pass's sample
@@ -37,11 +39,13 @@ def mth_largest_magnitude(stream: Stream, m: int, n: int | None = None) -> float
     if bracket is not None:
         lo, hi = bracket
         above, inside = 0, []
+        lo32, hi32 = np.float32(lo), np.float32(hi)
         for t in stream():
-            a = _magnitudes(t)
-            at_or_above_hi = a >= hi
-            above += int(np.count_nonzero(at_or_above_hi))
-            inside.append(a[(a >= lo) & ~at_or_above_hi])
+            flat = t.reshape(-1).to(torch.float32).numpy()
+            buffer = np.empty_like(flat)  # untouched pages but for the few values it receives
+            count, n_inside = kernels.count_and_collect(flat, lo32, hi32, buffer)
+            above += count
+            inside.append(buffer[:n_inside].copy())
         values = np.concatenate(inside)
         rank = m - above  # the answer's rank among the values inside the bracket
         if 1 <= rank <= values.size:

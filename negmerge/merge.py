@@ -16,9 +16,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
+from negmerge import kernels
 from negmerge.errors import MergeInputError
 from negmerge.sources import SourceLike
 from negmerge.streaming import Where, merge_elementwise
@@ -32,31 +32,13 @@ def required_votes(threshold: float, n: int) -> int:
 
 
 def _unanimous(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-    """Released rule, fast path: all > 0 iff min > 0, all < 0 iff max < 0.
-
-    Sum, min and max run in one loop over the candidates, so each chunk is read from memory once and
-    twice more from cache. Comparisons, min and max run in numpy (vectorised; this torch's
-    comparisons, ``sign`` and ``where`` are several times slower than its float arithmetic), on the
-    same memory; the keep mask enters as exact 0.0/1.0 factors.
-    """
+    """Released rule: one fused pass (negmerge.kernels.unanimous), written into the output."""
     if len(tensors) == 1:
         only = tensors[0]
         where.provide_total(only)
         return torch.where(only != 0, only, torch.zeros(()))
-    first, second = tensors[0], tensors[1]
-    total = torch.add(first, second)
-    low, high = np.minimum(first.numpy(), second.numpy()), np.maximum(first.numpy(), second.numpy())
-    for t in tensors[2:]:
-        total += t
-        np.minimum(low, t.numpy(), out=low)
-        np.maximum(high, t.numpy(), out=high)
-    finite = where.provide_total(total)
-    mean = total / len(tensors)
-    keep = np.greater(low, 0)
-    keep |= np.less(high, 0)
-    if not finite:  # finite inputs overflowed to inf: inf * 0 would be NaN, so select instead
-        return torch.where(torch.from_numpy(keep), mean, torch.zeros(()))
-    return mean.mul_(torch.from_numpy(keep.astype(np.float32))).add_(0.0)  # + 0.0: -0.0 of dropped -> +0.0
+    where.check(kernels.unanimous(where.addresses(), where.out.numel(), where.out.numpy()))
+    return where.out
 
 
 def _consensus_reduce(need: int, n_candidates: int):
@@ -64,24 +46,9 @@ def _consensus_reduce(need: int, n_candidates: int):
         return _unanimous
 
     def reduce(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
-        n = len(tensors)
-        count_dtype = torch.int16 if n < 2**15 else torch.int32
-        pos_sum = torch.zeros_like(tensors[0])
-        neg_sum = torch.zeros_like(tensors[0])
-        pos_cnt = torch.zeros(tensors[0].shape, dtype=count_dtype)
-        neg_cnt = torch.zeros(tensors[0].shape, dtype=count_dtype)
-        for t in tensors:
-            pos = t > 0
-            neg = t < 0
-            pos_cnt += pos
-            neg_cnt += neg
-            pos_sum += t.clamp(min=0)
-            neg_sum += t.clamp(max=0)
-        pos_ok = (pos_cnt >= need) & (pos_cnt > neg_cnt)
-        neg_ok = (neg_cnt >= need) & (neg_cnt > pos_cnt)
-        pos_mean = pos_sum / pos_cnt.clamp(min=1)
-        neg_mean = neg_sum / neg_cnt.clamp(min=1)
-        return torch.where(pos_ok, pos_mean, torch.where(neg_ok, neg_mean, torch.zeros(())))
+        """Votes and per-sign sums in one fused pass (negmerge.kernels.consensus)."""
+        where.check(kernels.consensus(where.addresses(), where.out.numel(), need, where.out.numpy()))
+        return where.out
 
     return reduce
 

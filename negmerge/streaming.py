@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 from negmerge.errors import MergeInputError
@@ -34,14 +35,25 @@ class Where:
     which saves a pass over the K chunks. The engine checks a chunk nobody summed.
     """
 
-    __slots__ = ("key", "start", "_chunks", "_sources", "_total")
+    __slots__ = ("key", "start", "out", "_chunks", "_sources", "_total", "_checked")
 
-    def __init__(self, key: str, start: int, chunks: list[torch.Tensor], sources: Sequence[TensorSource]) -> None:
+    def __init__(
+        self,
+        key: str,
+        start: int,
+        chunks: list[torch.Tensor],
+        sources: Sequence[TensorSource],
+        out: torch.Tensor | None = None,
+    ) -> None:
         self.key = key
         self.start = start
+        # float32 destination of this chunk (the output's own memory where it is float32): a reducer
+        # that writes its result here and returns it saves the engine a copy
+        self.out = torch.empty(chunks[0].numel(), dtype=torch.float32) if out is None else out
         self._chunks = chunks
         self._sources = sources
         self._total: torch.Tensor | None = None
+        self._checked = False
 
     @property
     def total(self) -> torch.Tensor:
@@ -59,11 +71,25 @@ class Where:
         """
         finite = _check_finite(total, self._chunks, self._sources, self.key)
         self._total = total
+        self._checked = True
         return finite
+
+    def check(self, all_finite: bool) -> bool:
+        """Accept a fused kernel's verdict that every value it summed was finite (negmerge.kernels);
+        where one was not, the exact check runs: it names a candidate holding NaN/Inf, or returns
+        False where finite inputs overflowed."""
+        if all_finite:
+            self._checked = True
+            return True
+        return math.isfinite(self.total.sum().item()) or bool(torch.isfinite(self.total).all())
+
+    def addresses(self) -> np.ndarray:
+        """The chunks' data addresses, for negmerge.kernels (the chunks are contiguous float32)."""
+        return np.fromiter((c.data_ptr() for c in self._chunks), dtype=np.int64, count=len(self._chunks))
 
     @property
     def checked(self) -> bool:
-        return self._total is not None
+        return self._checked
 
 
 Reduce = Callable[[list[torch.Tensor], Where], torch.Tensor]
@@ -159,11 +185,13 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
     def run(task: tuple[str, int, list[torch.Tensor], torch.Tensor]) -> None:
         key, start, flats, flat_out = task
         chunks = [_float32(f[start : start + CHUNK_ELEMENTS]) for f in flats]
-        where = Where(key, start, chunks, sources)
+        part = flat_out[start : start + chunks[0].numel()]
+        where = Where(key, start, chunks, sources, part if part.dtype == torch.float32 else None)
         merged = reduce(chunks, where)
         if not where.checked:
             where.total  # noqa: B018 (evaluating it runs the NaN/Inf check)
-        flat_out[start : start + merged.numel()] = merged
+        if merged.data_ptr() != part.data_ptr():
+            part.copy_(merged)
 
     threads = merge_threads()
     if threads == 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -158,3 +159,28 @@ def test_topk_cut_falls_back_to_the_exact_select_when_the_bracket_misses(monkeyp
     for m in (10, 500, 2000):
         expected = float(torch.kthvalue(everything, everything.numel() - m + 1).values)
         assert topk_cut.mth_largest_magnitude(lambda: iter(parts), m) == expected
+
+
+def test_count_and_collect_matches_numpy_at_group_edges_and_with_nan():
+    from negmerge import kernels
+
+    g = np.random.default_rng(5)
+    for size in (1, 63, 64, 65, 1000):
+        values = g.normal(size=size).astype(np.float32)
+        values[:: max(1, size // 7)] = np.nan
+        lo, hi = np.float32(0.5), np.float32(1.0)
+        inside = np.empty_like(values)
+        above, n_inside = kernels.count_and_collect(values, lo, hi, inside)
+        magnitudes = np.abs(values)
+        with np.errstate(invalid="ignore"):
+            assert above == np.count_nonzero(magnitudes >= hi)
+            np.testing.assert_array_equal(inside[:n_inside], magnitudes[(magnitudes >= lo) & (magnitudes < hi)])
+
+
+def test_one_compiled_kernel_serves_every_pool_size():
+    """Candidates reach the kernels as an array of addresses, so K never forces a recompile."""
+    from negmerge import kernels
+
+    for k in (2, 3, 7):
+        get_merge("negmerge")([{"w": torch.randn(100)} for _ in range(k)])
+    assert len(kernels.unanimous.signatures) == 1

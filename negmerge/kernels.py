@@ -1,0 +1,265 @@
+"""Fused merge kernels: each candidate's chunk is read once, the accumulators stay in cache.
+
+Why compiled loops: a merge written as numpy/torch ops makes one pass over memory per op (sum, min,
+max, compare, select: three to six passes over every chunk), so it runs several times slower than
+reading its inputs. Here one loop per block of BLOCK elements folds all K candidates into small
+accumulators (K streams read once, a few KB of accumulators in L1/L2).
+
+Exactness: every float operation is the one the reference definition performs, in the same order
+(sums left to right over the candidates, then one division), without fast-math reassociation, so
+the results are bit-identical to the op-by-op code (tests/test_merge_digests.py). Two patterns keep
+the loops vectorised (AVX2): comparisons and min/max run on int32 bit patterns (for non-NaN floats
+``x > 0`` iff ``bits(x) > 0``, and ``|x| >= |y|`` iff ``bits(|x|) >= bits(|y|)``); and no loop
+writes ``a[j] = x if c else a[j]``, which LLVM turns into masked stores that AMD cores microcode.
+
+Kernels take the K chunks as an int64 array of their addresses (one compiled signature for every
+K; the caller keeps the tensors alive) and report whether every value they summed is finite; the
+streaming engine's exact check runs only where one is not (negmerge.streaming.Where.check).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+BLOCK = 8192  # elements per accumulator block: 3 x 32 KB, in L2 beside the K input streams
+_SIGN = np.int32(-(2**31))  # bits of -0.0
+_ABS = np.int32(0x7FFFFFFF)
+_INF_BITS = np.int32(0x7F800000)  # |x| bits at or above this: Inf or NaN
+
+_jit = numba.njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+
+
+@intrinsic
+def _as_float_pointer(typingctx, address):
+    """An int64 address as a float32*, for numba.carray (zero-copy views of the caller's chunks)."""
+    signature = types.CPointer(types.float32)(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+@_jit
+def _chunk(addresses, i, start, m):
+    return numba.carray(_as_float_pointer(addresses[i] + 4 * start), m)
+
+
+@_jit
+def unanimous(addresses, n, out):
+    """NegMerge's released rule: mean over all K where every candidate is > 0 or every one < 0, else +0.0.
+
+    Requires K >= 2. Returns whether every sum was finite."""
+    k = addresses.size
+    kf = np.float32(k)
+    zero = np.float32(0.0)
+    total = np.empty(BLOCK, np.float32)
+    low = np.empty(BLOCK, np.int32)
+    high = np.empty(BLOCK, np.int32)
+    bad = False
+    for s in range(0, n, BLOCK):
+        m = min(BLOCK, n - s)
+        a = _chunk(addresses, 0, s, m)
+        b = _chunk(addresses, 1, s, m)
+        ai = a.view(np.int32)
+        bi = b.view(np.int32)
+        for j in range(m):
+            total[j] = a[j] + b[j]
+            low[j] = min(ai[j], bi[j])
+            high[j] = max(ai[j], bi[j])
+        for i in range(2, k):
+            c = _chunk(addresses, i, s, m)
+            ci = c.view(np.int32)
+            for j in range(m):
+                total[j] += c[j]
+                low[j] = min(low[j], ci[j])
+                high[j] = max(high[j], ci[j])
+        o = out[s : s + m]
+        for j in range(m):
+            t = total[j]
+            bad |= (t - t) != zero  # NaN exactly where t is Inf or NaN
+            # all > 0: every pattern positive; all < 0: every pattern negative and none is -0.0
+            keep = (low[j] > 0) | ((high[j] < 0) & (low[j] != _SIGN))
+            o[j] = (t / kf + zero) if keep else zero  # + 0.0 turns a kept -0.0 into +0.0
+    return not bad
+
+
+@_jit
+def consensus(addresses, n, need, out):
+    """NegMerge's generalised threshold (negmerge/merge.py): keep a sign with at least ``need`` strict
+    votes and more votes than the other sign; the value is the mean over its voters, else +0.0.
+
+    Returns whether every sum was finite (clamping keeps NaN, so a NaN input reaches the sums)."""
+    k = addresses.size
+    zero = np.float32(0.0)
+    pos_sum = np.empty(BLOCK, np.float32)
+    neg_sum = np.empty(BLOCK, np.float32)
+    pos_cnt = np.empty(BLOCK, np.int32)
+    neg_cnt = np.empty(BLOCK, np.int32)
+    bad = False
+    for s in range(0, n, BLOCK):
+        m = min(BLOCK, n - s)
+        pos_sum[:m] = zero
+        neg_sum[:m] = zero
+        pos_cnt[:m] = 0
+        neg_cnt[:m] = 0
+        for i in range(k):
+            c = _chunk(addresses, i, s, m)
+            for j in range(m):
+                x = c[j]
+                pos_sum[j] += zero if x <= zero else x  # clamp(min=0), NaN kept
+                neg_sum[j] += zero if x >= zero else x  # clamp(max=0), NaN kept
+                pos_cnt[j] += x > zero
+                neg_cnt[j] += x < zero
+        o = out[s : s + m]
+        for j in range(m):
+            mass = pos_sum[j] + neg_sum[j]
+            bad |= (mass - mass) != zero
+            p = pos_cnt[j]
+            q = neg_cnt[j]
+            pos_mean = pos_sum[j] / np.float32(max(p, 1))
+            neg_mean = neg_sum[j] / np.float32(max(q, 1))
+            o[j] = pos_mean if (p >= need) & (p > q) else (neg_mean if (q >= need) & (q > p) else zero)
+    return not bad
+
+
+@_jit
+def mean(addresses, n, out):
+    """The plain mean: ((c0 + c1) + c2 ...) / K. Returns whether every sum was finite."""
+    k = addresses.size
+    kf = np.float32(k)
+    zero = np.float32(0.0)
+    total = np.empty(BLOCK, np.float32)
+    bad = False
+    for s in range(0, n, BLOCK):
+        m = min(BLOCK, n - s)
+        a = _chunk(addresses, 0, s, m)
+        for j in range(m):
+            total[j] = a[j]
+        for i in range(1, k):
+            c = _chunk(addresses, i, s, m)
+            for j in range(m):
+                total[j] += c[j]
+        o = out[s : s + m]
+        for j in range(m):
+            t = total[j]
+            bad |= (t - t) != zero
+            o[j] = t / kf
+    return not bad
+
+
+@_jit
+def max_magnitude(addresses, n, out):
+    """MagMax: the value of largest |x|, a tie going to the later candidate.
+
+    Returns whether every input was finite (the running max of |x| bits sees an Inf or NaN)."""
+    k = addresses.size
+    best = np.empty(BLOCK, np.int32)
+    best_abs = np.empty(BLOCK, np.int32)
+    bad = False
+    out_bits = out.view(np.int32)
+    for s in range(0, n, BLOCK):
+        m = min(BLOCK, n - s)
+        ai = _chunk(addresses, 0, s, m).view(np.int32)
+        for j in range(m):
+            best[j] = ai[j]
+            best_abs[j] = ai[j] & _ABS
+        for i in range(1, k):
+            ci = _chunk(addresses, i, s, m).view(np.int32)
+            for j in range(m):
+                y = ci[j]
+                y_abs = y & _ABS
+                take = -np.int32(y_abs >= best_abs[j])  # all ones where the later one wins
+                best[j] ^= (best[j] ^ y) & take
+                best_abs[j] = max(best_abs[j], y_abs)
+        o = out_bits[s : s + m]
+        for j in range(m):
+            o[j] = best[j]
+            bad |= best_abs[j] >= _INF_BITS
+    return not bad
+
+
+@_jit
+def ties(addresses, n, below, out, undecided, undecided_pos, undecided_neg):
+    """TIES trim / elect / disjoint mean (baselines/ties.py has the definition).
+
+    ``below[i]``: candidate i keeps x where |x| > below[i] (hardshrink: NaN is kept, so it reaches
+    the check). Writes +0.0 where the elected mass is not > 0 and not < 0, and lists those of them
+    that had a trimmed entry (index, positive mean, negative mean) for the majority-sign fix-up.
+    Returns (every mass finite, elements elected +, elements elected -, undecided listed).
+    """
+    k = addresses.size
+    zero = np.float32(0.0)
+    pos_sum = np.empty(BLOCK, np.float32)
+    neg_sum = np.empty(BLOCK, np.float32)
+    pos_cnt = np.empty(BLOCK, np.int32)
+    neg_cnt = np.empty(BLOCK, np.int32)
+    bad = False
+    n_up = 0
+    n_down = 0
+    n_undecided = 0
+    for s in range(0, n, BLOCK):
+        m = min(BLOCK, n - s)
+        pos_sum[:m] = zero
+        neg_sum[:m] = zero
+        pos_cnt[:m] = 0
+        neg_cnt[:m] = 0
+        for i in range(k):
+            c = _chunk(addresses, i, s, m)
+            cut = below[i]
+            for j in range(m):
+                x = c[j]
+                trimmed = zero if (x >= -cut) & (x <= cut) else x
+                pos_sum[j] += zero if trimmed <= zero else trimmed  # clamp_min(., 0), NaN kept
+                neg_sum[j] += zero if trimmed >= zero else trimmed  # clamp_max(., 0), NaN kept
+                pos_cnt[j] += trimmed > zero
+                neg_cnt[j] += trimmed < zero
+        o = out[s : s + m]
+        for j in range(m):
+            mass = pos_sum[j] + neg_sum[j]
+            bad |= (mass - mass) != zero
+            pos_mean = pos_sum[j] / np.float32(max(pos_cnt[j], 1))
+            neg_mean = neg_sum[j] / np.float32(max(neg_cnt[j], 1))
+            up = mass > zero
+            down = mass < zero
+            n_up += up
+            n_down += down
+            o[j] = pos_mean if up else (neg_mean if down else zero)
+            if not (up | down) and (pos_cnt[j] > 0 or neg_cnt[j] > 0):
+                undecided[n_undecided] = s + j
+                undecided_pos[n_undecided] = pos_mean
+                undecided_neg[n_undecided] = neg_mean
+                n_undecided += 1
+    return not bad, n_up, n_down, n_undecided
+
+
+@_jit
+def count_and_collect(values, lo, hi, inside):
+    """For a top-k cut (baselines/topk_cut.py): count |x| >= hi, and copy each |x| in [lo, hi) to
+    ``inside`` (as long as ``values``). NaN is in neither. Returns (count >= hi, copied).
+
+    The values inside are a fraction of a percent, so groups of 64 are counted in a vectorised loop
+    and only a group holding some is copied (branch-free: each value is written at the index, which moves
+    only past the ones inside)."""
+    group = 64
+    above = 0
+    n_inside = 0
+    size = values.size
+    for s in range(0, size, group):
+        e = min(s + group, size)
+        group_above = np.int32(0)
+        group_inside = np.int32(0)
+        for j in range(s, e):
+            v = abs(values[j])
+            group_above += np.int32(v >= hi)
+            group_inside += np.int32((v >= lo) & (v < hi))
+        above += group_above
+        if group_inside:
+            for j in range(s, e):
+                v = abs(values[j])
+                inside[n_inside] = v
+                n_inside += (v >= lo) & (v < hi)
+    return above, n_inside
