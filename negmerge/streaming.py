@@ -84,7 +84,10 @@ class Where:
         return math.isfinite(self.total.sum().item()) or bool(torch.isfinite(self.total).all())
 
     def addresses(self) -> np.ndarray:
-        """The chunks' data addresses, for negmerge.kernels (the chunks are contiguous float32)."""
+        """The chunks' data addresses, for negmerge.kernels (which read raw memory, hence the check)."""
+        for c in self._chunks:
+            if c.device.type != "cpu" or c.dtype != torch.float32 or not c.is_contiguous():
+                raise MergeInputError(f"key {self.key!r}: kernels need contiguous float32 CPU chunks, got {c.dtype}")
         return np.fromiter((c.data_ptr() for c in self._chunks), dtype=np.int64, count=len(self._chunks))
 
     @property
@@ -215,6 +218,6 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
 
 
 def _float32(part: torch.Tensor) -> torch.Tensor:
-    """A float32 chunk outside autograd (reducers also work on it through numpy)."""
-    part = part.detach()
-    return part if part.dtype == torch.float32 else part.to(torch.float32)
+    """A float32 CPU chunk outside autograd (kernels and numpy work on host memory): a view where the
+    input already is one, else a copy (tensors on an accelerator are merged from host copies)."""
+    return part.detach().to(device="cpu", dtype=torch.float32)

@@ -184,3 +184,15 @@ def test_one_compiled_kernel_serves_every_pool_size():
     for k in (2, 3, 7):
         get_merge("negmerge")([{"w": torch.randn(100)} for _ in range(k)])
     assert len(kernels.unanimous.signatures) == 1
+
+
+@pytest.mark.parametrize("name", sorted(MERGES))
+def test_non_contiguous_and_autograd_inputs_merge_like_plain_ones(name):
+    """The kernels read raw memory: strided views and parameters reach them as contiguous host copies."""
+    g = torch.Generator().manual_seed(0)
+    plain = [{"w": torch.randn(40, 30, generator=g), "b": torch.randn(30, generator=g)} for _ in range(3)]
+    odd = [{"w": t["w"].T.contiguous().T, "b": torch.nn.Parameter(t["b"].clone())} for t in plain]
+    assert not odd[0]["w"].is_contiguous()
+    expected, got = get_merge(name)(plain), get_merge(name)(odd)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
