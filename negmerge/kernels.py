@@ -88,12 +88,34 @@ def unanimous(addresses, n, out):
 
 
 @_jit
+def _signed_votes(addresses, s, m, below, pos_sum, neg_sum, pos_cnt, neg_cnt):
+    """Per element of one block: the sums and counts of the strictly positive and strictly negative
+    values, after candidate i's trim (hardshrink: |x| > below[i] is kept, NaN too, so it reaches the
+    sums). An exact zero votes for no sign; a trimmed value adds +0.0 to both sums."""
+    zero = np.float32(0.0)
+    pos_sum[:m] = zero
+    neg_sum[:m] = zero
+    pos_cnt[:m] = 0
+    neg_cnt[:m] = 0
+    for i in range(addresses.size):
+        c = _chunk(addresses, i, s, m)
+        cut = below[i]
+        for j in range(m):
+            x = c[j]
+            trimmed = zero if (x >= -cut) & (x <= cut) else x
+            pos_sum[j] += zero if trimmed <= zero else trimmed  # clamp_min(., 0), NaN kept
+            neg_sum[j] += zero if trimmed >= zero else trimmed  # clamp_max(., 0), NaN kept
+            pos_cnt[j] += trimmed > zero
+            neg_cnt[j] += trimmed < zero
+
+
+@_jit
 def consensus(addresses, n, need, out):
     """NegMerge's generalised threshold (negmerge/merge.py): keep a sign with at least ``need`` strict
     votes and more votes than the other sign; the value is the mean over its voters, else +0.0.
 
     Returns whether every sum was finite (clamping keeps NaN, so a NaN input reaches the sums)."""
-    k = addresses.size
+    below = np.zeros(addresses.size, np.float32)  # no trim: every non-zero value votes
     zero = np.float32(0.0)
     pos_sum = np.empty(BLOCK, np.float32)
     neg_sum = np.empty(BLOCK, np.float32)
@@ -102,18 +124,7 @@ def consensus(addresses, n, need, out):
     bad = False
     for s in range(0, n, BLOCK):
         m = min(BLOCK, n - s)
-        pos_sum[:m] = zero
-        neg_sum[:m] = zero
-        pos_cnt[:m] = 0
-        neg_cnt[:m] = 0
-        for i in range(k):
-            c = _chunk(addresses, i, s, m)
-            for j in range(m):
-                x = c[j]
-                pos_sum[j] += zero if x <= zero else x  # clamp(min=0), NaN kept
-                neg_sum[j] += zero if x >= zero else x  # clamp(max=0), NaN kept
-                pos_cnt[j] += x > zero
-                neg_cnt[j] += x < zero
+        _signed_votes(addresses, s, m, below, pos_sum, neg_sum, pos_cnt, neg_cnt)
         o = out[s : s + m]
         for j in range(m):
             mass = pos_sum[j] + neg_sum[j]
@@ -191,7 +202,6 @@ def ties(addresses, n, below, out, undecided, undecided_pos, undecided_neg):
     that had a trimmed entry (index, positive mean, negative mean) for the majority-sign fix-up.
     Returns (every mass finite, elements elected +, elements elected -, undecided listed).
     """
-    k = addresses.size
     zero = np.float32(0.0)
     pos_sum = np.empty(BLOCK, np.float32)
     neg_sum = np.empty(BLOCK, np.float32)
@@ -203,20 +213,7 @@ def ties(addresses, n, below, out, undecided, undecided_pos, undecided_neg):
     n_undecided = 0
     for s in range(0, n, BLOCK):
         m = min(BLOCK, n - s)
-        pos_sum[:m] = zero
-        neg_sum[:m] = zero
-        pos_cnt[:m] = 0
-        neg_cnt[:m] = 0
-        for i in range(k):
-            c = _chunk(addresses, i, s, m)
-            cut = below[i]
-            for j in range(m):
-                x = c[j]
-                trimmed = zero if (x >= -cut) & (x <= cut) else x
-                pos_sum[j] += zero if trimmed <= zero else trimmed  # clamp_min(., 0), NaN kept
-                neg_sum[j] += zero if trimmed >= zero else trimmed  # clamp_max(., 0), NaN kept
-                pos_cnt[j] += trimmed > zero
-                neg_cnt[j] += trimmed < zero
+        _signed_votes(addresses, s, m, below, pos_sum, neg_sum, pos_cnt, neg_cnt)
         o = out[s : s + m]
         for j in range(m):
             mass = pos_sum[j] + neg_sum[j]
