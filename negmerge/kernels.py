@@ -3,7 +3,7 @@
 Why compiled loops: a merge written as numpy/torch ops makes one pass over memory per op (sum, min,
 max, compare, select: three to six passes over every chunk), so it runs several times slower than
 reading its inputs. Here one loop per block of BLOCK elements folds all K candidates into small
-accumulators (K streams read once, a few KB of accumulators in L1/L2).
+accumulators (the K input streams read once, some tens of KB of accumulators in L2).
 
 Exactness: every float operation is the one the reference definition performs, in the same order
 (sums left to right over the candidates, then one division), without fast-math reassociation, so
