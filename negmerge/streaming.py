@@ -30,9 +30,10 @@ class Where:
     """Which slice of which tensor a chunk is, and the chunks' elementwise sum.
 
     The sum doubles as the NaN/Inf check (any NaN or Inf input makes it non-finite there), so every
-    chunk's sum is checked exactly once: a reducer either reads ``total`` (computed and checked on
-    first use) or computes the sum inside its own loop and hands it over with ``provide_total``,
-    which saves a pass over the K chunks. The engine checks a chunk nobody summed.
+    chunk is checked exactly once: a reducer reads ``total`` (computed and checked on first use),
+    hands over a sum it made itself with ``provide_total``, or, as a fused kernel
+    (negmerge.kernels), reports with ``check`` whether every sum it made was finite, which saves a
+    pass over the K chunks. The engine checks a chunk nobody checked.
     """
 
     __slots__ = ("key", "start", "out", "_chunks", "_sources", "_total", "_checked")
@@ -58,11 +59,14 @@ class Where:
     @property
     def total(self) -> torch.Tensor:
         if self._total is None:
-            total = self._chunks[0].clone()
-            for c in self._chunks[1:]:
-                total += c
-            self.provide_total(total)
+            self._sum_and_check()
         return self._total
+
+    def _sum_and_check(self) -> bool:
+        total = self._chunks[0].clone()
+        for c in self._chunks[1:]:
+            total += c
+        return self.provide_total(total)
 
     def provide_total(self, total: torch.Tensor) -> bool:
         """Accept a reducer's own sum of the chunks, after checking the inputs for NaN/Inf.
@@ -81,7 +85,7 @@ class Where:
         if all_finite:
             self._checked = True
             return True
-        return math.isfinite(self.total.sum().item()) or bool(torch.isfinite(self.total).all())
+        return self._sum_and_check()
 
     def addresses(self) -> np.ndarray:
         """The chunks' data addresses, for negmerge.kernels (which read raw memory, hence the check)."""
