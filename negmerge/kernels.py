@@ -11,6 +11,8 @@ the results are bit-identical to the op-by-op code (tests/test_merge_digests.py)
 the loops vectorised (AVX2): comparisons and min/max run on int32 bit patterns (for non-NaN floats
 ``x > 0`` iff ``bits(x) > 0``, and ``|x| >= |y|`` iff ``bits(|x|) >= bits(|y|)``); and no loop
 writes ``a[j] = x if c else a[j]``, which LLVM turns into masked stores that AMD cores microcode.
+Each pass over a block takes two candidates, so the accumulators are loaded and stored once per
+two inputs (the operations and their order are unchanged: ``(acc + x) + y``).
 
 Kernels take the K chunks as an int64 array of their addresses (one compiled signature for every
 K; the caller keeps the tensors alive) and report whether every value they summed is finite; the
@@ -70,8 +72,17 @@ def unanimous(addresses, n, out):
             total[j] = a[j] + b[j]
             low[j] = min(ai[j], bi[j])
             high[j] = max(ai[j], bi[j])
-        for i in range(2, k):
+        for i in range(2, k - 1, 2):
             c = _chunk(addresses, i, s, m)
+            d = _chunk(addresses, i + 1, s, m)
+            ci = c.view(np.int32)
+            di = d.view(np.int32)
+            for j in range(m):
+                total[j] = (total[j] + c[j]) + d[j]
+                low[j] = min(min(low[j], ci[j]), di[j])
+                high[j] = max(max(high[j], ci[j]), di[j])
+        if k % 2 == 1:
+            c = _chunk(addresses, k - 1, s, m)
             ci = c.view(np.int32)
             for j in range(m):
                 total[j] += c[j]
@@ -88,6 +99,23 @@ def unanimous(addresses, n, out):
 
 
 @_jit
+def _vote_buffers():
+    """One block's per-sign sums and counts (_signed_votes fills them)."""
+    return (
+        np.empty(BLOCK, np.float32),
+        np.empty(BLOCK, np.float32),
+        np.empty(BLOCK, np.int32),
+        np.empty(BLOCK, np.int32),
+    )
+
+
+@_jit
+def _sign_means(pos_sum, neg_sum, pos_cnt, neg_cnt, j):
+    """Element j's mean over its positive voters and over its negative ones (0 where none voted)."""
+    return pos_sum[j] / np.float32(max(pos_cnt[j], 1)), neg_sum[j] / np.float32(max(neg_cnt[j], 1))
+
+
+@_jit
 def _signed_votes(addresses, s, m, below, pos_sum, neg_sum, pos_cnt, neg_cnt):
     """Per element of one block: the sums and counts of the strictly positive and strictly negative
     values, after candidate i's trim (hardshrink: |x| > below[i] is kept, NaN too, so it reaches the
@@ -97,9 +125,22 @@ def _signed_votes(addresses, s, m, below, pos_sum, neg_sum, pos_cnt, neg_cnt):
     neg_sum[:m] = zero
     pos_cnt[:m] = 0
     neg_cnt[:m] = 0
-    for i in range(addresses.size):
-        c = _chunk(addresses, i, s, m)
-        cut = below[i]
+    k = addresses.size
+    for i in range(0, k - 1, 2):  # two candidates per pass (module docstring)
+        c, d = _chunk(addresses, i, s, m), _chunk(addresses, i + 1, s, m)
+        cut_c, cut_d = below[i], below[i + 1]
+        for j in range(m):
+            x = c[j]
+            y = d[j]
+            tx = zero if (x >= -cut_c) & (x <= cut_c) else x
+            ty = zero if (y >= -cut_d) & (y <= cut_d) else y
+            pos_sum[j] = (pos_sum[j] + (zero if tx <= zero else tx)) + (zero if ty <= zero else ty)
+            neg_sum[j] = (neg_sum[j] + (zero if tx >= zero else tx)) + (zero if ty >= zero else ty)
+            pos_cnt[j] += np.int32(tx > zero) + np.int32(ty > zero)
+            neg_cnt[j] += np.int32(tx < zero) + np.int32(ty < zero)
+    if k % 2:
+        c = _chunk(addresses, k - 1, s, m)
+        cut = below[k - 1]
         for j in range(m):
             x = c[j]
             trimmed = zero if (x >= -cut) & (x <= cut) else x
@@ -117,10 +158,7 @@ def consensus(addresses, n, need, out):
     Returns whether every sum was finite (clamping keeps NaN, so a NaN input reaches the sums)."""
     below = np.zeros(addresses.size, np.float32)  # no trim: every non-zero value votes
     zero = np.float32(0.0)
-    pos_sum = np.empty(BLOCK, np.float32)
-    neg_sum = np.empty(BLOCK, np.float32)
-    pos_cnt = np.empty(BLOCK, np.int32)
-    neg_cnt = np.empty(BLOCK, np.int32)
+    pos_sum, neg_sum, pos_cnt, neg_cnt = _vote_buffers()
     bad = False
     for s in range(0, n, BLOCK):
         m = min(BLOCK, n - s)
@@ -131,8 +169,7 @@ def consensus(addresses, n, need, out):
             bad |= (mass - mass) != zero
             p = pos_cnt[j]
             q = neg_cnt[j]
-            pos_mean = pos_sum[j] / np.float32(max(p, 1))
-            neg_mean = neg_sum[j] / np.float32(max(q, 1))
+            pos_mean, neg_mean = _sign_means(pos_sum, neg_sum, pos_cnt, neg_cnt, j)
             o[j] = pos_mean if (p >= need) & (p > q) else (neg_mean if (q >= need) & (q > p) else zero)
     return not bad
 
@@ -150,8 +187,13 @@ def mean(addresses, n, out):
         a = _chunk(addresses, 0, s, m)
         for j in range(m):
             total[j] = a[j]
-        for i in range(1, k):
+        for i in range(1, k - 1, 2):
             c = _chunk(addresses, i, s, m)
+            d = _chunk(addresses, i + 1, s, m)
+            for j in range(m):
+                total[j] = (total[j] + c[j]) + d[j]
+        if k % 2 == 0:
+            c = _chunk(addresses, k - 1, s, m)
             for j in range(m):
                 total[j] += c[j]
         o = out[s : s + m]
@@ -178,12 +220,28 @@ def max_magnitude(addresses, n, out):
         for j in range(m):
             best[j] = ai[j]
             best_abs[j] = ai[j] & _ABS
-        for i in range(1, k):
+        for i in range(1, k - 1, 2):
             ci = _chunk(addresses, i, s, m).view(np.int32)
+            di = _chunk(addresses, i + 1, s, m).view(np.int32)
+            for j in range(m):
+                b = best[j]
+                ba = best_abs[j]
+                y = ci[j]
+                y_abs = y & _ABS
+                take = -np.int32(y_abs >= ba)
+                b ^= (b ^ y) & take
+                ba = max(ba, y_abs)
+                z = di[j]
+                z_abs = z & _ABS
+                take = -np.int32(z_abs >= ba)
+                best[j] = b ^ ((b ^ z) & take)
+                best_abs[j] = max(ba, z_abs)
+        if k % 2 == 0:
+            ci = _chunk(addresses, k - 1, s, m).view(np.int32)
             for j in range(m):
                 y = ci[j]
                 y_abs = y & _ABS
-                take = -np.int32(y_abs >= best_abs[j])  # all ones where the later one wins
+                take = -np.int32(y_abs >= best_abs[j])
                 best[j] ^= (best[j] ^ y) & take
                 best_abs[j] = max(best_abs[j], y_abs)
         o = out_bits[s : s + m]
@@ -203,10 +261,7 @@ def ties(addresses, n, below, out, undecided, undecided_pos, undecided_neg):
     Returns (every mass finite, elements elected +, elements elected -, undecided listed).
     """
     zero = np.float32(0.0)
-    pos_sum = np.empty(BLOCK, np.float32)
-    neg_sum = np.empty(BLOCK, np.float32)
-    pos_cnt = np.empty(BLOCK, np.int32)
-    neg_cnt = np.empty(BLOCK, np.int32)
+    pos_sum, neg_sum, pos_cnt, neg_cnt = _vote_buffers()
     bad = False
     n_up = 0
     n_down = 0
@@ -218,8 +273,7 @@ def ties(addresses, n, below, out, undecided, undecided_pos, undecided_neg):
         for j in range(m):
             mass = pos_sum[j] + neg_sum[j]
             bad |= (mass - mass) != zero
-            pos_mean = pos_sum[j] / np.float32(max(pos_cnt[j], 1))
-            neg_mean = neg_sum[j] / np.float32(max(neg_cnt[j], 1))
+            pos_mean, neg_mean = _sign_means(pos_sum, neg_sum, pos_cnt, neg_cnt, j)
             up = mass > zero
             down = mass < zero
             n_up += up
