@@ -91,7 +91,10 @@ class Where:
         """The chunks' data addresses, for negmerge.kernels (which read raw memory, hence the check)."""
         for c in self._chunks:
             if c.device.type != "cpu" or c.dtype != torch.float32 or not c.is_contiguous():
-                raise MergeInputError(f"key {self.key!r}: kernels need contiguous float32 CPU chunks, got {c.dtype}")
+                raise MergeInputError(
+                    f"key {self.key!r}: kernels need contiguous float32 CPU chunks, got {c.dtype} on {c.device}"
+                    f"{'' if c.is_contiguous() else ', strided'}"
+                )
         return np.fromiter((c.data_ptr() for c in self._chunks), dtype=np.int64, count=len(self._chunks))
 
     @property
