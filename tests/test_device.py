@@ -68,6 +68,35 @@ def test_lanes_evaluate_lambda_points_concurrently_with_the_bits_of_one_lane():
     assert not torch.equal(one[0], one[-1])  # the points differ: the lanes did not share weights
 
 
+def test_inputs_converted_once_per_split_give_the_bits_of_per_batch_conversion(monkeypatch):
+    """The normalised-input cache is a speed setting: whole splits, row slices on batch boundaries (a
+    lane's chunk) and a split past the byte budget all give the logits of per-batch conversion."""
+    import bench.evaluate as evaluate
+    from bench.data import ImageSplit
+
+    backbone, theta0, tau, split, head = _edit_case(100)
+    other = ImageSplit(labels=split.labels[:40], images=torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8))
+    converted = []
+    monkeypatch.setattr(backbone, "to_input", lambda x, f=backbone.to_input: converted.append(len(x)) or f(x))
+
+    def scores(budget: int) -> list[torch.Tensor]:
+        monkeypatch.setattr(evaluate, "INPUT_CACHE_BYTES", budget)
+        ev = Evaluator(backbone, batch_size=32)
+        ev.set_base(theta0)
+        ev.load_edit(tau, -0.4)
+        twice = [ev.logits(split, head), ev.logits(split, head, rows=slice(32, 96)), ev.replica().logits(split, head)]
+        return twice + [ev.logits(other, head)]
+
+    per_batch = scores(0)
+    assert sum(converted) == 100 + 64 + 100 + 40  # every call converts its batches again
+    converted.clear()
+    one_split = 100 * 3 * 28 * 28 * 4  # room for the first split only: the second is converted per batch
+    cached = scores(one_split)
+    assert sum(converted) == 100 + 40  # the split once (shared with the replica); the other per batch
+    assert all(torch.equal(a, b) for a, b in zip(per_batch, cached, strict=True))
+    assert torch.equal(per_batch[1], per_batch[0][32:96])
+
+
 def test_a_failing_lambda_point_stops_the_sweep_with_its_error():
     from bench.lanes import Lanes
 
