@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,20 +27,32 @@ class EvalCache:
         self.hits = 0
         self.misses = 0
         self.used: set[str] = set()  # entry keys read or written: the run's manifest lists them (cache gc)
+        self._count = threading.Lock()  # entries may be finished on a background thread
+
+    def _path(self, what: dict[str, Any]) -> Path:
+        blob = json.dumps({"ctx": self.context, "what": what, "code": self.code}, sort_keys=True, default=str)
+        return self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
+
+    @staticmethod
+    def _read(path: Path) -> tuple[Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            return (json.loads(path.read_text())["value"],)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            quarantine([path], f"unreadable: {exc}")
+            return None
+
+    def peek(self, what: dict[str, Any]) -> tuple[Any] | None:
+        """``(value,)`` when the entry exists, else None; no lock, nothing counted: a caller that
+        finds nothing prepares the inputs of ``compute`` and then calls ``get_or_compute``."""
+        return self._read(self._path(what))
 
     def get_or_compute(self, what: dict[str, Any], compute: Callable[[], Any]) -> Any:
-        blob = json.dumps({"ctx": self.context, "what": what, "code": self.code}, sort_keys=True, default=str)
-        path = self.root / f"{hashlib.sha256(blob.encode()).hexdigest()[:24]}.json"
-        self.used.add(path.stem)
+        path = self._path(what)
 
         def lookup() -> tuple[Any] | None:
-            if not path.is_file():
-                return None
-            try:
-                return (json.loads(path.read_text())["value"],)
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-                quarantine([path], f"unreadable: {exc}")
-                return None
+            return self._read(path)
 
         def fresh() -> tuple[Any]:
             value = compute()
@@ -47,10 +60,12 @@ class EvalCache:
             return (value,)
 
         (value,), computed = locked_compute(path, lookup, fresh)
-        if computed:
-            self.misses += 1
-        else:
-            self.hits += 1
+        with self._count:
+            self.used.add(path.stem)
+            if computed:
+                self.misses += 1
+            else:
+                self.hits += 1
         return value
 
 

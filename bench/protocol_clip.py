@@ -9,8 +9,11 @@ the pool-size ablation; and the training-based methods (``baselines``), each a g
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +123,8 @@ class ClipRun:
         self.rec = RunRecorder(self.out, cfg)
         self.pool = CandidatePool(self.cache / "pool")
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
+        self._pending: list[Callable[[], None]] = []  # recorder calls waiting for test metrics (_later)
+        self._scoring: ThreadPoolExecutor | None = None  # the membership attacks, beside the lanes
 
     # -- evaluation helpers ----------------------------------------------------------------------
     def _accuracy(
@@ -136,38 +141,69 @@ class ClipRun:
             logits = [ev.logits(split, head) for split, head in jobs]
         return top1(logits[0], f_split.labels), top1(logits[1], c_split.labels)
 
-    def _curve(self, vid: str, tau, ctx: EvalContext, desc: str) -> tuple[list[float], list[float]]:
-        """Forget and control Val top-1 of theta_0 - lambda * tau at every lambda (cached). The points
-        run on the evaluation lanes; lambda = 0 is theta_0 itself, whose scores the zero-shot stage has."""
+    def _curves(
+        self, ctx: EvalContext, vectors: list[tuple[str, Callable[[], Mapping[str, torch.Tensor]]]], desc: str
+    ) -> list[tuple[list[float], list[float]]]:
+        """Forget and control Val top-1 of theta_0 - lambda * tau at every lambda, for each (vector id,
+        make tau) of a stage (cached per curve). The points of every curve not in the cache go to the
+        evaluation lanes as one queue, so no lane waits for the others at the end of each curve; each
+        tau is made when its first point starts and dropped after its last. lambda = 0 is theta_0
+        itself, whose scores the zero-shot stage has."""
+        whats = [{"curve": vid, "task": ctx.task.name, "lambdas": self.lambdas} for vid, _ in vectors]
+        todo = [i for i, what in enumerate(whats) if self.evals.peek(what) is None]
+        computed: dict[int, list[list[float]]] = {}
+        if todo:
+            nonzero = [lam for lam in self.lambdas if lam != 0.0]
+            held = _OnDemand({i: vectors[i][1] for i in todo}, uses=len(nonzero))
+            items = [(i, lam) for i in todo for lam in nonzero]
 
-        def compute():
-            vector = tau()
+            def point(ev: Evaluator, item: tuple[int, float]) -> tuple[float, float]:
+                i, lam = item
+                try:
+                    return self._accuracy(Edit(held.get(i), -lam), "val", ctx, ev)
+                finally:
+                    held.release(i)
 
-            def point(ev: Evaluator, lam: float) -> tuple[float, float]:
-                if lam == 0.0:
-                    return ctx.zs_val
-                return self._accuracy(Edit(vector, -lam), "val", ctx, ev)
+            with tqdm(total=len(items), desc=desc, leave=False, disable=not self.cfg.progress) as bar:
+                scores = dict(zip(items, self.lanes.map(point, items, done=lambda: bar.update()), strict=True))
+            for i in todo:
+                points = [ctx.zs_val if lam == 0.0 else scores[(i, lam)] for lam in self.lambdas]
+                computed[i] = [[f for f, _ in points], [c for _, c in points]]
+        out = []
+        for i, what in enumerate(whats):
+            # computed here: written now; found: read (another process may have written one meanwhile)
+            forget, control = self.evals.get_or_compute(what, lambda i=i: computed[i])
+            out.append((forget, control))
+        return out
 
-            with tqdm(total=len(self.lambdas), desc=desc, leave=False, disable=not self.cfg.progress) as bar:
-                points = self.lanes.map(point, self.lambdas, done=lambda: bar.update())
-            return [[f for f, _ in points], [c for _, c in points]]
+    def _cached_test(self, vid: str, lam: float, state_fn, ctx: EvalContext) -> Future[dict[str, float]]:
+        """Test metrics at a selected point (cached). The logits are computed now, on the lanes; the
+        scores (the membership attack fits an SVC: seconds of one core) on a background thread while
+        the lanes go on with the next stage. Whoever records them waits (``_later``)."""
+        what = {"test": vid, "lam": lam, "task": ctx.task.name, "seed": ctx.seed}
 
-        what = {"curve": vid, "task": ctx.task.name, "lambdas": self.lambdas}
-        forget, ctrl = self.evals.get_or_compute(what, compute)
-        return forget, ctrl
+        def compute_here() -> dict[str, float]:
+            return self._test_scores(self._test_logits(state_fn(), ctx), ctx)
 
-    def _cached_test(self, vid: str, lam: float, state_fn, ctx: EvalContext) -> dict[str, float]:
-        return self.evals.get_or_compute(
-            {"test": vid, "lam": lam, "task": ctx.task.name, "seed": ctx.seed},
-            lambda: self._test_metrics(state_fn(), ctx),
-        )
+        if self.evals.peek(what) is not None or self._scoring is None:
+            done: Future[dict[str, float]] = Future()
+            done.set_result(self.evals.get_or_compute(what, compute_here))
+            return done
+        logits = self._test_logits(state_fn(), ctx)
+        return self._scoring.submit(self.evals.get_or_compute, what, lambda: self._test_scores(logits, ctx))
 
-    def _test_metrics(self, state, ctx: EvalContext) -> dict[str, float]:
-        """Test top-1 of the forget and control tasks and, with MIA on, membership inference: each
-        split's logits computed once, spread over the evaluation lanes."""
+    def _test_logits(self, state, ctx: EvalContext) -> list[torch.Tensor]:
+        """Logits of the forget and control test splits (and, with MIA on, of the forget set's training
+        split), each split computed once, spread over the evaluation lanes."""
+        task = ctx.task
+        jobs = [(task.test, ctx.head), (ctx.control.test, ctx.head_c)]
+        if self.cfg.mia.enabled:
+            jobs.append((task.train_eval, ctx.head))
+        return self.lanes.logits(lambda ev: _load(ev, state), jobs)
+
+    def _test_scores(self, logits: list[torch.Tensor], ctx: EvalContext) -> dict[str, float]:
+        """Test top-1 of the forget and control tasks and, with MIA on, membership inference."""
         task, mia = ctx.task, self.cfg.mia.enabled
-        jobs = [(task.test, ctx.head), (ctx.control.test, ctx.head_c)] + ([(task.train_eval, ctx.head)] if mia else [])
-        logits = self.lanes.logits(lambda ev: _load(ev, state), jobs)
         metrics = {
             "forget_acc": top1(logits[0], task.test.labels),
             "control_acc": top1(logits[1], ctx.control.test.labels),
@@ -373,6 +409,24 @@ class ClipRun:
     def run(self) -> RunRecorder:
         tasks = self.tasks = self._setup()
         self._produce_ahead(tasks)
+        if not self._producing:
+            self._scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")
+        try:
+            self._evaluate_all(tasks)
+            with self.rec.timed("test metrics, waited for"):
+                self._flush()
+        finally:
+            self.lanes.close()
+            if self._scoring is not None:
+                self._scoring.shutdown(cancel_futures=True)
+        self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
+        self.rec.cache_entries["evals"] = sorted(self.evals.used)
+        if self.preprocessed.built:
+            self.rec.note(f"preprocessed {self.preprocessed.built} file-backed splits into the cache")
+        self.rec.finish()
+        return self.rec
+
+    def _evaluate_all(self, tasks: dict[str, TaskData]) -> None:
         prepared: dict[str, TaskData] = {}
         for seed in self.cfg.seeds:
             for name in self.cfg.forget:
@@ -386,13 +440,6 @@ class ClipRun:
                     prepared[name] = self._prepare_eval(tasks[name], members=self.cfg.mia.enabled)
                 row = dict(backbone=f"{self.cfg.backbone.name}/{self.cfg.backbone.pretrained}", dataset=name, seed=seed)
                 self._evaluate_task(EvalContext(prepared[name], head, self.control, self.head_c, seed, row))
-        self.lanes.close()
-        self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
-        self.rec.cache_entries["evals"] = sorted(self.evals.used)
-        if self.preprocessed.built:
-            self.rec.note(f"preprocessed {self.preprocessed.built} file-backed splits into the cache")
-        self.rec.finish()
-        return self.rec
 
     def _evaluate_task(self, ctx: EvalContext) -> None:
         """Every stage for one (seed, forget dataset)."""
@@ -403,7 +450,9 @@ class ClipRun:
             with self.rec.timed(f"pool {name} seed {seed}"):
                 ok = [e for e in self._pool(seed, ctx.task, ctx.head) if e.status == "ok"]
             if not ok:
-                self.rec.note(f"{name} seed {seed}: every candidate failed; no task-vector method can run")
+                self._later(
+                    partial(self.rec.note, f"{name} seed {seed}: every candidate failed; no task-vector method can run")
+                )
                 return
             vectors = self._merges(ctx, ok)
             with self.rec.timed(f"lambda sweep {name} seed {seed}"):
@@ -425,8 +474,7 @@ class ClipRun:
         test = self._cached_test("zero-shot", 0.0, lambda: self.theta0, ctx)
         for method in self.cfg.methods:
             if get_method(method).kind == "reference":
-                sel = Selection(0.0, forget_val, ctx.zs_control_val, False)
-                self.rec.result(ctx.row, method, sel, test, self.cfg.selection.floor)
+                self._result(ctx, method, Selection(0.0, forget_val, ctx.zs_control_val, False), test)
 
     def _merges(self, ctx: EvalContext, ok: list[PoolEntry]) -> dict[str, tuple[str, Any]]:
         """Every merge method's vector from the same pool: method -> (vector id, vector)."""
@@ -438,8 +486,24 @@ class ClipRun:
             with self.rec.timed(f"merge {method} {ctx.task.name}"):
                 merged = get_merge(method)([e.path for e in ok], **params)
             vectors[method] = (vector_id(method, params, [e.key for e in ok]), merged)
-            self.rec.extra(ctx.row, method, "consensus_rate", consensus_rate(merged))
+            self._later(partial(self.rec.extra, ctx.row, method, "consensus_rate", consensus_rate(merged)))
         return vectors
+
+    def _later(self, record: Callable[[], None]) -> None:
+        """A recorder call, kept in program order and made by ``_flush`` once the test metrics it
+        waits for are in: results.csv is the same whatever finishes first."""
+        self._pending.append(record)
+
+    def _result(
+        self, ctx: EvalContext, method: str, sel: Selection, test: Future | None, chosen: str | None = None
+    ) -> None:
+        floor = self.cfg.selection.floor
+        self._later(lambda: self.rec.result(ctx.row, method, sel, test.result() if test else {}, floor, chosen=chosen))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for record in pending:
+            record()
 
     def _select(self, ctx: EvalContext, forget: list[float], control: list[float], lambdas=None) -> Selection:
         lambdas = self.lambdas if lambdas is None else lambdas
@@ -450,30 +514,30 @@ class ClipRun:
         methods = [m for m in self.cfg.methods if get_method(m).kind == "single"]
         if not methods:
             return
+        taus = [partial(load_file, entry.path) for entry in ok]
+        curves = self._curves(
+            ctx, [(e.key, tau) for e, tau in zip(ok, taus, strict=True)], f"lambda: {len(ok)} candidates"
+        )
         singles = []
-        for j, entry in enumerate(ok):
-
-            def tau(entry=entry):
-                return load_file(entry.path)
-
-            fv, cv = self._curve(entry.key, tau, ctx, f"lambda candidate {j + 1}")
+        for j, (entry, tau, (fv, cv)) in enumerate(zip(ok, taus, curves, strict=True)):
             self.rec.curve(ctx.row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
             singles.append((self._select(ctx, fv, cv), tau))
         best = best_single([s for s, _ in singles])
         if best is None:
-            self.rec.result(ctx.row, methods[0], singles[0][0], {}, self.cfg.selection.floor)
+            self._result(ctx, methods[0], singles[0][0], None)
             return
         sel, tau = singles[best]
         test = self._cached_test(ok[best].key, sel.lam, lambda: Edit(tau(), -sel.lam), ctx)
-        self.rec.result(ctx.row, methods[0], sel, test, self.cfg.selection.floor, chosen=ok[best].key)
+        self._result(ctx, methods[0], sel, test, chosen=ok[best].key)
 
     def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
-        for method, (vid, merged) in vectors.items():
-            fv, cv = self._curve(vid, lambda merged=merged: merged, ctx, f"lambda {method}")
+        requests = [(vid, partial(lambda merged: merged, merged)) for vid, merged in vectors.values()]
+        curves = self._curves(ctx, requests, f"lambda: {', '.join(vectors)}")
+        for (method, (vid, merged)), (fv, cv) in zip(vectors.items(), curves, strict=True):
             self.rec.curve(ctx.row, method, self.lambdas, fv, cv)
             sel = self._select(ctx, fv, cv)
-            test = self._cached_test(vid, sel.lam, lambda: Edit(merged, -sel.lam), ctx) if sel.feasible else {}
-            self.rec.result(ctx.row, method, sel, test, self.cfg.selection.floor)
+            test = self._cached_test(vid, sel.lam, lambda: Edit(merged, -sel.lam), ctx) if sel.feasible else None
+            self._result(ctx, method, sel, test)
 
     def _ablation(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
         """A merge (NegMerge by default) over random subsets of the pool: consensus rate and forgetting
@@ -484,24 +548,38 @@ class ClipRun:
         params = self._params(method, "merge_params")
         sizes = self.cfg.ablation.sizes or list(range(2, len(ok) + 1))
         rng = random.Random(self.cfg.ablation.seed)
-        for n in sorted(s for s in sizes if 2 <= s <= len(ok)):
-            for draw in range(1 if n == len(ok) else self.cfg.ablation.draws):
-                members = sorted(rng.sample(ok, n), key=lambda e: e.key)
-                merged = get_merge(method)([e.path for e in members], **params)
-                vid = vector_id(method, params, [e.key for e in members])
-                fv, cv = self._curve(vid, lambda merged=merged: merged, ctx, f"ablation N={n}")
-                sel = self._select(ctx, fv, cv)
-                self.rec.ablation.append(
-                    {
-                        **ctx.row,
-                        "n": n,
-                        "draw": draw,
-                        "consensus_rate": consensus_rate(merged),
-                        "lam": sel.lam,
-                        "forget_val": sel.forget_val,
-                        "control_val": sel.control_val,
-                    }
-                )
+        draws = [
+            (n, draw, sorted(rng.sample(ok, n), key=lambda e: e.key))
+            for n in sorted(s for s in sizes if 2 <= s <= len(ok))
+            for draw in range(1 if n == len(ok) else self.cfg.ablation.draws)
+        ]
+        rates: dict[int, float] = {}
+
+        def merge(i: int) -> Mapping[str, torch.Tensor]:
+            merged = get_merge(method)([e.path for e in draws[i][2]], **params)
+            rates[i] = consensus_rate(merged)
+            return merged
+
+        requests = [
+            (vector_id(method, params, [e.key for e in members]), partial(merge, i))
+            for i, (_, _, members) in enumerate(draws)
+        ]
+        curves = self._curves(ctx, requests, f"ablation: {len(draws)} subsets")
+        for i, ((n, draw, _), (fv, cv)) in enumerate(zip(draws, curves, strict=True)):
+            if i not in rates:  # its curve was cached: the merge is made for its consensus rate only
+                merge(i)
+            sel = self._select(ctx, fv, cv)
+            self.rec.ablation.append(
+                {
+                    **ctx.row,
+                    "n": n,
+                    "draw": draw,
+                    "consensus_rate": rates[i],
+                    "lam": sel.lam,
+                    "forget_val": sel.forget_val,
+                    "control_val": sel.control_val,
+                }
+            )
 
     def _training_method(self, ctx: EvalContext, method: str) -> None:
         """A training-based method: every setting's model scored on Val, the floor rule picks one."""
@@ -516,12 +594,36 @@ class ClipRun:
             selections.append(replace(sel, at_grid_edge=False))  # a trained model, not a point of a grid
         best = best_single(selections) if selections else None
         if best is None:
-            sel = Selection(None, None, None, False, f"no {method} setting keeps the control floor")
-            self.rec.result(ctx.row, method, sel, {}, self.cfg.selection.floor)
+            self._result(
+                ctx, method, Selection(None, None, None, False, f"no {method} setting keeps the control floor"), None
+            )
             return
         chosen = entries[best]
         test = self._cached_test(chosen.key, 1.0, lambda: Edit(load_file(chosen.path), 1.0), ctx)
-        self.rec.result(ctx.row, method, selections[best], test, self.cfg.selection.floor, chosen=chosen.key)
+        self._result(ctx, method, selections[best], test, chosen=chosen.key)
+
+
+class _OnDemand:
+    """Task vectors made on first use and dropped after their last use (thread-safe: lanes share it),
+    so a queue of curves holds about one vector per lane, not one per curve."""
+
+    def __init__(self, makers: dict[int, Callable[[], Mapping[str, torch.Tensor]]], uses: int) -> None:
+        self._makers = makers
+        self._left = dict.fromkeys(makers, uses)
+        self._made: dict[int, Mapping[str, torch.Tensor]] = {}
+        self._locks = {i: threading.Lock() for i in makers}
+
+    def get(self, i: int) -> Mapping[str, torch.Tensor]:
+        with self._locks[i]:
+            if i not in self._made:
+                self._made[i] = self._makers[i]()
+            return self._made[i]
+
+    def release(self, i: int) -> None:
+        with self._locks[i]:
+            self._left[i] -= 1
+            if self._left[i] == 0:
+                self._made.pop(i, None)
 
 
 def _producer(cfg_json: str, out: str, cache: str) -> ClipRun:
