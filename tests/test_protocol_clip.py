@@ -230,9 +230,16 @@ def test_randaugment_candidates_are_reproducible():
 
 def test_jobs_change_the_speed_not_a_single_number(tiny_backbone, tmp_path, monkeypatch):
     """jobs=1 (one process, one evaluation lane) against jobs=2 (two lanes; the fine-tunes made in this
-    process and a spawned worker), each cold in its own cache: results and curves bit for bit equal."""
+    process and a spawned worker), each cold in its own cache: results and curves bit for bit equal.
+    In the second run each membership attack (scored in the background) is also slowed down, so the
+    results arrive in another order: the recorded rows must not depend on it."""
+    import bench.protocol_clip as protocol_clip
+
+    attack = protocol_clip.membership_metrics
     runs = {}
     for jobs in (1, 2):
+        if jobs == 2:
+            monkeypatch.setattr(protocol_clip, "membership_metrics", lambda *a, **k: time.sleep(0.3) or attack(*a, **k))
         cache = tmp_path / f"cache{jobs}"
         shutil.copytree(tiny_backbone.parent, cache / "backbones")
         monkeypatch.setenv("NEGMERGE_CACHE", str(cache))
