@@ -231,15 +231,27 @@ def test_randaugment_candidates_are_reproducible():
 def test_jobs_change_the_speed_not_a_single_number(tiny_backbone, tmp_path, monkeypatch):
     """jobs=1 (one process, one evaluation lane) against jobs=2 (two lanes; the fine-tunes made in this
     process and a spawned worker), each cold in its own cache: results and curves bit for bit equal.
-    In the second run each membership attack (scored in the background) is also slowed down, so the
-    results arrive in another order: the recorded rows must not depend on it."""
+    In the second run every membership attack (scored in the background) is held back until the run
+    starts recording, so all results arrive last: the recorded rows must not depend on it."""
+    import threading
+
     import bench.protocol_clip as protocol_clip
 
-    attack = protocol_clip.membership_metrics
+    attack, flush, recording = protocol_clip.membership_metrics, protocol_clip.ClipRun._flush, threading.Event()
+
+    def held_back_attack(*args, **kwargs):
+        assert recording.wait(timeout=120), "the run never started recording"
+        return attack(*args, **kwargs)
+
+    def flush_after_release(run):
+        recording.set()
+        flush(run)
+
     runs = {}
     for jobs in (1, 2):
         if jobs == 2:
-            monkeypatch.setattr(protocol_clip, "membership_metrics", lambda *a, **k: time.sleep(0.3) or attack(*a, **k))
+            monkeypatch.setattr(protocol_clip, "membership_metrics", held_back_attack)
+            monkeypatch.setattr(protocol_clip.ClipRun, "_flush", flush_after_release)
         cache = tmp_path / f"cache{jobs}"
         shutil.copytree(tiny_backbone.parent, cache / "backbones")
         monkeypatch.setenv("NEGMERGE_CACHE", str(cache))
