@@ -531,7 +531,7 @@ class ClipRun:
         self._result(ctx, methods[0], sel, test, chosen=ok[best].key)
 
     def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
-        requests = [(vid, partial(lambda merged: merged, merged)) for vid, merged in vectors.values()]
+        requests = [(vid, lambda merged=merged: merged) for vid, merged in vectors.values()]
         curves = self._curves(ctx, requests, f"lambda: {', '.join(vectors)}")
         for (method, (vid, merged)), (fv, cv) in zip(vectors.items(), curves, strict=True):
             self.rec.curve(ctx.row, method, self.lambdas, fv, cv)
