@@ -13,6 +13,8 @@ import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import numerics
+
 PROJECT_PACKAGES = ("bench", "negmerge", "baselines")
 
 
@@ -62,9 +64,9 @@ def closure(*modules: str) -> tuple[Path, ...]:
     return tuple(sorted(set(seen.values())))
 
 
-def digest(files: tuple[Path, ...], read: Callable[[Path], bytes] = Path.read_bytes) -> str:
+def digest(files: tuple[Path, ...], read: Callable[[Path], bytes] = Path.read_bytes, salt: str = "") -> str:
     root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
+    h = hashlib.sha256(salt.encode())
     for f in files:
         h.update(str(f.resolve().relative_to(root) if f.resolve().is_relative_to(root) else f.name).encode())
         h.update(read(f))
@@ -73,5 +75,6 @@ def digest(files: tuple[Path, ...], read: Callable[[Path], bytes] = Path.read_by
 
 @functools.cache
 def code_digest(*modules: str) -> str:
-    """Digest of ``modules`` and their project imports: part of the key of whatever they produce."""
-    return digest(closure(*modules))
+    """Digest of ``modules`` and their project imports, and of the CPU numerics mode (bench.numerics):
+    part of the key of whatever they produce, so entries made with other kernels never mix."""
+    return digest(closure(*modules), salt=numerics.tag())

@@ -474,7 +474,7 @@ class ClassicSuite(MethodChecks):
     data: ClassicDataCfg = ClassicDataCfg()
     forget: ForgetCfg = ForgetCfg()
     train: SgdGridCfg  # Original and Retrain
-    original_per_seed: bool = False  # one Original for all seeds (it does not depend on Df) or one per seed
+    original_per_seed: bool = True  # one Original per seed, so the seed spread holds its training noise too (regress)
     baselines: dict[str, SgdGridCfg] = {}  # ft, ga, rl, l1_sparse, salun -> settings (a grid is selected on Val)
     # l1_sparse.alpha, salun.sparsity, and rl/salun.retain_fraction (share of Dr mixed with the relabelled Df)
     baseline_params: dict[str, dict[str, float]] = {}  # per method; unset parameters take its defaults

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import BenchError
+from bench.numerics import check_process
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,6 +27,7 @@ class Runtime:
     device: torch.device
     precision: str = "fp32"
     compile: bool = False
+    numerics: tuple[tuple[str, str], ...] = ()  # bench.numerics.check_process, for the manifest
 
     @property
     def on_accelerator(self) -> bool:
@@ -46,7 +48,8 @@ class Runtime:
 
     def describe(self) -> dict[str, str]:
         name = torch.cuda.get_device_name(self.device) if self.on_accelerator else "cpu"
-        return {"device": str(self.device), "device_name": name, "precision": self.precision}
+        described = {"device": str(self.device), "device_name": name, "precision": self.precision}
+        return described | {f"numerics_{k}": v for k, v in self.numerics}
 
 
 CPU = Runtime(torch.device("cpu"))
@@ -61,6 +64,7 @@ def resolve_runtime(
     op that has none), cuDNN without autotuning, cuBLAS with a fixed workspace, so a rerun on the same
     machine reproduces every number; off trades that for cuDNN autotuning speed on GPUs."""
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    numerics = check_process()  # portable CPU kernels (bench.numerics), or one clear error why not
     if not DEVICE_PATTERN.match(device):
         raise BenchError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
     if device == "auto":
@@ -80,4 +84,4 @@ def resolve_runtime(
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
     if precision == "fp16" and dev.type == "cpu":
         raise BenchError("precision: fp16 autocast is for CUDA; use precision=bf16 on CPU")
-    return Runtime(dev, precision, compile)
+    return Runtime(dev, precision, compile, tuple(numerics.items()))

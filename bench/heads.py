@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from bench import numerics
 from bench.backbones import Backbone
 from bench.device import CPU, Runtime
 from bench.integrity import intact_safetensors, quarantine
@@ -44,7 +45,7 @@ def cached_head(
     cache: Path,
     runtime: Runtime = CPU,
 ) -> torch.Tensor:
-    key_parts = [backbone_id, classnames, templates]
+    key_parts = [backbone_id, classnames, templates, numerics.tag()]
     if runtime.precision != "fp32":
         key_parts.append(runtime.precision)  # fp32 keys stay what they were: the same bits as before
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]

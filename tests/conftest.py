@@ -2,9 +2,16 @@ import os
 from pathlib import Path
 
 import pytest
+
+# isort: off
+import bench  # noqa: F401  (first: pins the CPU kernels, bench.numerics, before torch loads)
 import torch
 
+# isort: on
+from bench.numerics import check_process
+
 torch.set_num_threads(int(os.environ.get("NEGMERGE_THREADS", "1")))
+check_process()  # the tests compute with the kernels runs use (portable unless NEGMERGE_NUMERICS=native)
 
 
 @pytest.fixture(scope="session")
