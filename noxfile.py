@@ -22,6 +22,14 @@ def tests(session: nox.Session) -> None:
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
+@nox.session(name="other-cpu")
+def other_cpu(session: nox.Session) -> None:
+    """The test suite with this CPU computing the way another CPU would (bench.numerics:
+    NEGMERGE_EMULATE_CPU=other): no test may depend on one machine's bits."""
+    env = {"NEGMERGE_EMULATE_CPU": "other"}
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", *session.posargs, env=env)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check, and the architecture contracts (import-linter, pyproject.toml)."""
@@ -47,7 +55,8 @@ def paper(session: nox.Session) -> None:
 @nox.session
 def regression(session: nox.Session) -> None:
     """Fresh reduced runs (empty cache: everything recomputed), compared with the committed references;
-    fails on a regression."""
+    fails on a regression. ``NEGMERGE_EMULATE_CPU=other`` in the environment reruns them as another
+    CPU would compute them (bench.numerics)."""
     import shutil
 
     cache = f"{RUNS}/regression/cache"
