@@ -53,6 +53,7 @@ class WdsSplit(Dataset):
                 f"dataset {dataset!r}: WebDataset shard {missing[0]} is missing ({len(missing)} of {nshards})"
             )
         self.entries: list[tuple[int, int, int]] = []  # (shard, data offset, size) of each image
+        self.keys: list[str] = []  # each image's sample key, to name it when it is damaged
         labels: list[int] = []
         for s, shard in enumerate(self.shards):
             images, classes = {}, {}
@@ -69,6 +70,7 @@ class WdsSplit(Dataset):
                 if key not in classes:
                     raise BenchError(f"dataset {dataset!r}: {shard} holds image {key} without its {key}.cls label")
                 self.entries.append((s, *images[key]))
+                self.keys.append(key)
                 labels.append(classes[key])
         if not self.entries:
             raise BenchError(f"dataset {dataset!r}: the {split} shards under {self.root} hold no labelled images")
@@ -89,6 +91,9 @@ class WdsSplit(Dataset):
         image = Image.open(io.BytesIO(handle.read(size)))
         image.load()
         return image, int(self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return f"shard {self.shards[self.entries[i][0]]} sample {self.keys[i]}"
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
