@@ -178,3 +178,30 @@ def test_a_bench_error_in_a_dataloader_worker_comes_back_as_its_own_line():
     with pytest.raises(BadImage) as err:
         list(DataLoader(_Damaged(), num_workers=1))
     assert str(err.value) == "dataset 'x' (test split): file /d/2.jpg is damaged (OSError: truncated); fix it"
+
+
+def test_pool_keys_name_the_training_images_skip_left_out(tmp_path):
+    """Same count, other damaged file: another training set, so another pool entry. Images left out
+    of Val/test or of another dataset do not change what the pool trains on; an intact copy's keys
+    stay what they were."""
+    from types import SimpleNamespace
+
+    from bench.config import load_suite
+    from bench.data.damaged import BadImageCheck
+    from bench.protocol_clip import ClipRun, Grid
+
+    cfg = load_suite("mini-clip-tiny")
+    run = ClipRun(cfg, tmp_path / "out", tmp_path / "cache")
+    run.backbone_id, run.bad = "backbone", BadImageCheck(tmp_path / "bad-images")
+    task, grid = SimpleNamespace(name="dtd"), Grid(cfg.finetune.points(0), "fine-tune", list(range(50)), 1)
+
+    def key(*dropped: tuple[str, str, str]) -> str:
+        run.bad.dropped = [{"dataset": d, "split": s, "problem": p} for d, s, p in dropped]
+        spec = run._spec(grid, 0, task)
+        return run.pool.key(spec)
+
+    intact = key()
+    assert "left_out" not in run._spec(grid, 0, task)
+    one, other = key(("dtd", "train", "file /a.jpg")), key(("dtd", "train", "file /b.jpg"))
+    assert len({intact, one, other}) == 3
+    assert key(("dtd", "test", "file /a.jpg"), ("cars", "train", "file /c.jpg")) == intact
