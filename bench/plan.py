@@ -67,11 +67,12 @@ def _sizes(name: str, cfg) -> Sizes:
     try:
         task = load_task(name, **cfg.data.load_kwargs())
         return Sizes(len(task.train), len(task.val), len(task.test), "data")
-    except BenchError as exc:
+    except (BenchError, OSError) as exc:  # OSError: a folder this user may not read
         if name not in OFFICIAL_SIZES:
             raise
+        reason = str(exc) if isinstance(exc, BenchError) else f"dataset {name!r}: cannot read its copy ({exc})"
         # a plan without the data is useful, but `run` on this config fails here: say why, never silently
-        print(f"warning: {exc} [plan: using {name}'s official split sizes instead]", file=sys.stderr)
+        print(f"warning: {reason} [plan: using {name}'s official split sizes instead]", file=sys.stderr)
     n_train, n_test = OFFICIAL_SIZES[name]
     d = cfg.data
     n_val = min(int(round(n_train * d.val_fraction)), d.val_max)

@@ -81,6 +81,22 @@ def test_plan_warns_before_falling_back_to_official_sizes(root, tmp_path, capsys
     assert "dtd" in captured.out and "(official sizes)" in captured.out
 
 
+def test_plan_warns_on_a_folder_it_may_not_read(tmp_path, capsys, monkeypatch):
+    import bench.data
+
+    load_task = bench.data.load_task
+
+    def denied(name, **kwargs):
+        if name == "dtd":
+            raise PermissionError(13, "Permission denied", str(tmp_path / "dtd"))
+        return load_task(name, **kwargs)
+
+    monkeypatch.setattr(bench.data, "load_task", denied)
+    assert main(["plan", "mini-clip-tiny", "--set", "forget=[dtd]", "--set", f"data.root={tmp_path}"]) == 0
+    warning = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:"))
+    assert warning.startswith("warning: dataset 'dtd': cannot read its copy") and "Permission denied" in warning
+
+
 def test_plan_is_silent_when_it_reads_the_data(capsys):
     assert main(["plan", "mini-clip-tiny"]) == 0
     captured = capsys.readouterr()
