@@ -205,3 +205,40 @@ def test_pool_keys_name_the_training_images_skip_left_out(tmp_path):
     one, other = key(("dtd", "train", "file /a.jpg")), key(("dtd", "train", "file /b.jpg"))
     assert len({intact, one, other}) == 3
     assert key(("dtd", "test", "file /a.jpg"), ("cars", "train", "file /c.jpg")) == intact
+
+
+def _read_everything(split, rounds: int) -> int:
+    """Images of ``split`` that did not decode to what was written, over ``rounds`` passes."""
+    import numpy as np
+
+    expected, _ = colour_images(60, 2)
+    wrong = 0
+    for _ in range(rounds):
+        for i in range(len(split)):
+            try:
+                wrong += not np.array_equal(np.asarray(split[i][0]), expected[i].numpy())
+            except OSError:
+                wrong += 1
+    return wrong
+
+
+def _child(split, rounds: int) -> None:
+    import os
+
+    os._exit(min(_read_everything(split, rounds), 100))
+
+
+def test_a_forked_worker_reads_wds_shards_beside_its_parent(wds_copy):
+    """A run decodes its evaluation splits (opening the shards) before it forks its fine-tune workers:
+    parent and child then read the same shards at once and must never see each other's bytes."""
+    import multiprocessing
+
+    from bench.data.wds import WdsSplit
+
+    split = WdsSplit(wds_copy, "train", "eurosat")
+    assert _read_everything(split, 1) == 0  # every shard's handle is open now, before the fork
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(split, 30))
+    child.start()
+    wrong_here = _read_everything(split, 30)
+    child.join()
+    assert (wrong_here, child.exitcode) == (0, 0)

@@ -15,6 +15,7 @@ byte range, so one pass over the headers indexes a split and each image is then 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -87,8 +88,10 @@ class WdsSplit(Dataset):
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open per reader
-        handle.seek(offset)
-        image = Image.open(io.BytesIO(handle.read(size)))
+        # a positional read: a forked fine-tune worker inherits this descriptor, and with seek + read
+        # the two processes would move one shared file offset under each other
+        payload = os.pread(handle.fileno(), size, offset)
+        image = Image.open(io.BytesIO(payload))
         image.load()
         return image, int(self.labels[i])
 
