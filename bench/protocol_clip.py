@@ -372,7 +372,8 @@ class ClipRun:
                 tasks = {name: self.bad.clean(task) for name, task in tasks.items()}
             self.rec.bad_images = self.bad.dropped
             if self.bad.dropped:
-                self.rec.note(f"{len(self.bad.dropped)} damaged images left out (data.bad_images=skip; see bad_images)")
+                n = len(self.bad.dropped)
+                self.rec.note(f"{n} damaged image{'s' * (n != 1)} left out (data.bad_images=skip; listed below)")
         return control, tasks
 
     @property
