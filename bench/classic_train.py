@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from bench.data.classic import ClassicData
 from bench.device import CPU, Runtime
 from bench.finetune import Diverged
+from bench.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def train(
     named = dict(model.named_parameters())
     model.train()
     step = 0
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress)
+    bar = progress_bar(total=total, desc=desc, enabled=progress)
     while step < total:
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, params.batch_size):

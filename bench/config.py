@@ -182,6 +182,7 @@ class DataCfg(Strict):
     layouts: dict[str, Literal["auto", "wds", "folder", "torchvision"]] = {}  # per dataset; default auto
     download: bool = False
     workers: int = Field(0, ge=0)  # DataLoader processes decoding file-backed images (results do not change)
+    bad_images: Literal["error", "skip"] = "error"  # a damaged image file: stop naming it, or leave it out
 
     @field_validator("roots", "layouts")
     @classmethod
@@ -192,8 +193,9 @@ class DataCfg(Strict):
         return value
 
     def load_kwargs(self) -> dict[str, Any]:
-        """What ``bench.data.load_task`` takes from this section."""
-        return self.model_dump(exclude={"workers"})
+        """What ``bench.data.load_task`` takes from this section (also part of cache keys: ``bad_images``
+        is not; what ``skip`` leaves out enters the keys of what was computed without it)."""
+        return self.model_dump(exclude={"workers", "bad_images"})
 
 
 class GridCfg(Strict):

@@ -19,13 +19,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
 from bench.data.transforms import file_batches, train_transform
 from bench.device import CPU, Runtime
 from bench.heads import ZeroShotClassifier
+from bench.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def finetune(
     gen = torch.Generator().manual_seed(params.seed)
     batches = _batches(split, backbone, params, gen, grayscale=grayscale, workers=workers, pin=runtime.on_accelerator)
     with _seeded_global_rngs(params.seed):
-        bar = tqdm(range(total), desc=desc, leave=False, disable=not progress)
+        bar = progress_bar(range(total), desc=desc, enabled=progress)
         for _ in bar:
             opt.zero_grad(set_to_none=True)
             for _ in range(params.grad_accum):

@@ -2,7 +2,8 @@
 passes, FLOPs, what the cache already holds, and a time estimate at a given (or measured) throughput.
 
 Split sizes come from the data when it is at hand (the same indexing a run does); for the paper's
-datasets without a local copy, from the official split sizes below (marked "official" in the output).
+datasets without a readable local copy, from the official split sizes below (marked "official" in the
+output), after a warning that names the dataset and why its copy could not be read.
 FLOPs per image are counted on the backbone itself (``torch.utils.flop_counter`` over one forward pass
 at its image size, random weights: the count does not depend on them); a training image costs about
 three forward passes (forward + backward).
@@ -10,6 +11,7 @@ three forward passes (forward + backward).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -65,9 +67,12 @@ def _sizes(name: str, cfg) -> Sizes:
     try:
         task = load_task(name, **cfg.data.load_kwargs())
         return Sizes(len(task.train), len(task.val), len(task.test), "data")
-    except BenchError:
+    except (BenchError, OSError) as exc:  # OSError: a folder this user may not read
         if name not in OFFICIAL_SIZES:
             raise
+        reason = str(exc) if isinstance(exc, BenchError) else f"dataset {name!r}: cannot read its copy ({exc})"
+        # a plan without the data is useful, but `run` on this config fails here: say why, never silently
+        print(f"warning: {reason} [plan: using {name}'s official split sizes instead]", file=sys.stderr)
     n_train, n_test = OFFICIAL_SIZES[name]
     d = cfg.data
     n_val = min(int(round(n_train * d.val_fraction)), d.val_max)

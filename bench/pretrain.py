@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from bench.backbones import load_backbone
 from bench.codehash import code_digest
@@ -21,6 +20,7 @@ from bench.data import load_task
 from bench.device import CPU, Runtime
 from bench.integrity import intact_safetensors
 from bench.locks import locked_compute
+from bench.progress import progress_bar
 from negmerge import save_state
 
 
@@ -71,7 +71,7 @@ def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, prog
         ),
     )
     model.train()
-    for _ in tqdm(range(cfg.steps), desc=f"pretrain {model_name}", disable=not progress):
+    for _ in progress_bar(range(cfg.steps), desc=f"pretrain {model_name}", enabled=progress, leave=True):
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
         cap = c_all[idx]
         # one caption per distinct class in the batch: duplicates of a class are not negatives

@@ -18,8 +18,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from bench.progress import progress_bar
 from bench.units import Unit
 
 _PRODUCER: Any = None  # the object whose ``produce(unit)`` makes an entry, in this process
@@ -60,7 +59,7 @@ def produce_in_workers(producer, make_worker, units: list[Unit], jobs: int, prog
         ProcessPoolExecutor(
             workers, mp_context=context, initializer=_init, initargs=(None if fork else make_worker,)
         ) as pool,
-        tqdm(total=len(units), desc=f"fine-tunes ({workers + 1} at a time)", leave=False, disable=not progress) as bar,
+        progress_bar(total=len(units), desc=f"fine-tunes ({workers + 1} at a time)", enabled=progress) as bar,
     ):
         running: set[Future] = set()
         made: set[str] = set()

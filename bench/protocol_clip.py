@@ -8,6 +8,7 @@ the pool-size ablation; and the training-based methods (``baselines``), each a g
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -19,12 +20,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from baselines import get_merge, get_method
 from bench.backbones import Backbone, load_backbone, visual_state
 from bench.config import ClipSuite
 from bench.data import ImageSplit, TaskData, load_task, prepare_eval
+from bench.data.damaged import BadImageCheck
 from bench.data.preprocessed import PreprocessedCache
 from bench.errors import BenchError
 from bench.evalcache import EvalCache, vector_id
@@ -35,6 +36,7 @@ from bench.lanes import Lanes, resolve_jobs
 from bench.metrics import membership_metrics
 from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
+from bench.progress import progress_bar
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
 from bench.units import PRODUCE, Unit, plan_units, training_methods, uses_pool
@@ -164,7 +166,7 @@ class ClipRun:
                 finally:
                     held.release(i)
 
-            with tqdm(total=len(items), desc=desc, leave=False, disable=not self.cfg.progress) as bar:
+            with progress_bar(total=len(items), desc=desc, enabled=self.cfg.progress) as bar:
                 scores = dict(zip(items, self.lanes.map(point, items, done=lambda: bar.update()), strict=True))
             for i in todo:
                 points = [ctx.zs_val if lam == 0.0 else scores[(i, lam)] for lam in self.lambdas]
@@ -251,7 +253,16 @@ class ClipRun:
             "direction": grid.direction,
             "precision": self.cfg.precision,
             **made_by,
+            **self._left_out(task),
         }
+
+    def _left_out(self, task: TaskData) -> dict[str, str]:
+        """Which damaged training images ``data.bad_images=skip`` left out, for a pool key (nothing
+        when none were: the keys of intact copies stay as they were)."""
+        dropped = [d["problem"] for d in self.bad.dropped if d["dataset"] == task.name and d["split"] == "train"]
+        if not dropped:
+            return {}
+        return {"left_out": hashlib.sha256("\n".join(dropped).encode()).hexdigest()[:16]}
 
     def _candidates(self, unit: Unit, task: TaskData, head) -> list[PoolEntry]:
         """Pool entries: task vectors of fine-tuning with each setting of the unit's grid (made now
@@ -354,7 +365,16 @@ class ClipRun:
         names = [self.unit.dataset] if self.unit else self.cfg.forget
         with self.rec.timed("index datasets"):
             control = None if self._producing else load_task(self.cfg.control, **kwargs)
-            return control, {name: load_task(name, **kwargs) for name in names}
+            tasks = {name: load_task(name, **kwargs) for name in names}
+        if self.cfg.data.bad_images == "skip":  # every split checked once (cached), damaged images left out
+            with self.rec.timed("check images"):
+                control = None if control is None else self.bad.clean(control)
+                tasks = {name: self.bad.clean(task) for name, task in tasks.items()}
+            self.rec.bad_images = self.bad.dropped
+            if self.bad.dropped:
+                n = len(self.bad.dropped)
+                self.rec.note(f"{n} damaged image{'s' * (n != 1)} left out (data.bad_images=skip; listed below)")
+        return control, tasks
 
     @property
     def _producing(self) -> bool:
@@ -371,6 +391,7 @@ class ClipRun:
         torch.set_num_threads(cfg.threads)
         self.rt = cfg.runtime()  # an unavailable device fails here, before any work
         self.rec.runtime = self.rt.describe()
+        self.bad = BadImageCheck(self.cache / "bad-images", cfg.data.workers)
         control, tasks = self._load_tasks()
         self.backbone = self._backbone()
         self.backbone_id = self.backbone.identity()
@@ -389,6 +410,7 @@ class ClipRun:
                 "control": cfg.control,
                 "mia": cfg.mia.model_dump(),
                 "precision": cfg.precision,
+                **({"left_out": self.bad.digest()} if self.bad.digest() else {}),  # data.bad_images=skip
             },
             code_modules=("bench.evaluate", "bench.heads", "bench.protocol_clip"),
         )
@@ -408,6 +430,10 @@ class ClipRun:
     # -- main ------------------------------------------------------------------------------------
     def run(self) -> RunRecorder:
         tasks = self.tasks = self._setup()
+        if not self._producing:  # every evaluation split decoded before any fine-tune: a damaged image stops it now
+            self.prepared = {
+                name: self._prepare_eval(task, members=self.cfg.mia.enabled) for name, task in tasks.items()
+            }
         self._produce_ahead(tasks)
         if not self._producing:
             self._scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")
@@ -427,7 +453,6 @@ class ClipRun:
         return self.rec
 
     def _evaluate_all(self, tasks: dict[str, TaskData]) -> None:
-        prepared: dict[str, TaskData] = {}
         for seed in self.cfg.seeds:
             for name in self.cfg.forget:
                 if self.unit is not None and (self.unit.seed, self.unit.dataset) != (seed, name):
@@ -436,10 +461,8 @@ class ClipRun:
                 if self._producing:
                     self._candidates(self.unit, tasks[name], head)
                     continue
-                if name not in prepared:  # once per dataset: its splits stay resident on the device
-                    prepared[name] = self._prepare_eval(tasks[name], members=self.cfg.mia.enabled)
                 row = dict(backbone=f"{self.cfg.backbone.name}/{self.cfg.backbone.pretrained}", dataset=name, seed=seed)
-                self._evaluate_task(EvalContext(prepared[name], head, self.control, self.head_c, seed, row))
+                self._evaluate_task(EvalContext(self.prepared[name], head, self.control, self.head_c, seed, row))
 
     def _evaluate_task(self, ctx: EvalContext) -> None:
         """Every stage for one (seed, forget dataset)."""

@@ -320,7 +320,8 @@ def classic_table(results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd
     """
     test = results[(results.split == "test") & results.metric.isin(CLASSIC_COLS)]
     mean = test.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
-    std = test.pivot_table(index="method", columns="metric", values="value", aggfunc="std").fillna(0.0)
+    # NaN where fewer than two seeds have the metric: a spread of one number is undefined, not zero
+    std = test.pivot_table(index="method", columns="metric", values="value", aggfunc="std")
     seeds = test.groupby("method").seed.nunique()
     cols = [c for c in CLASSIC_COLS if c in mean.columns]
     order = _ordered(results.method.unique())
@@ -345,8 +346,15 @@ def _row_labels(seeds: pd.Series, total: int, names: Callable[[str], str]) -> di
 
 
 def _mean_pm_std(mean: pd.DataFrame, std: pd.DataFrame, pm: str) -> pd.DataFrame:
-    cells = mean.map(lambda v: f"{v:.2f}") + pm + std.map(lambda v: f"{v:.2f}")
+    """'mean ± std'; a mean of one seed has no spread and prints alone (its row says n/N seeds)."""
+    spread = (pm + std.map(lambda v: f"{v:.2f}")).where(std.notna(), "")
+    cells = mean.map(lambda v: f"{v:.2f}") + spread
     return cells.where(mean.notna(), "--")
+
+
+def classic_markdown(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, total_seeds: int) -> str:
+    """The summary's table: 'mean ± std' per method and metric, rows marked where seeds are missing."""
+    return _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, total_seeds, plain)).to_markdown()
 
 
 def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict) -> str:
@@ -392,7 +400,7 @@ def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floo
     test = results[results.split == "test"]
     mean, std, _ = classic_table(results)
     mean = mean.dropna(how="all")  # methods with no feasible setting have nothing to plot
-    std = std.loc[mean.index]
+    std = std.loc[mean.index].fillna(0.0)  # one seed: no error bar
     if "avg_gap" in mean:
         fig, ax = plt.subplots(figsize=(7, 3.6))
         gap = mean["avg_gap"].drop(references("target"), errors="ignore")
@@ -457,6 +465,8 @@ def markdown_summary(results: pd.DataFrame, manifest: dict, table_md: str) -> st
         lines += [f"- warning: {problem}" for problem in classic_sanity(results)]
     for note in manifest.get("notes", []):
         lines.append(f"- {note}")
+    for bad in manifest.get("bad_images", []):
+        lines.append(f"- left out ({bad['split']}): {bad['problem']}")
     git = manifest.get("git", {})
     lines += ["", f"commit {git.get('commit')} (dirty: {git.get('dirty')}), wall time {manifest.get('wall_seconds')} s"]
     return "\n".join(lines) + "\n"
@@ -483,7 +493,6 @@ def build_report(run_dir: Path) -> list[Path]:
         mean, std, seeds = classic_table(results)
         written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest)))
         written += classic_figures(results, curves, out, floor)
-        cells = _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, len(cfg["seeds"]), plain))
-        table_md = cells.to_markdown()
+        table_md = classic_markdown(mean, std, seeds, len(cfg["seeds"]))
     written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
     return written

@@ -83,6 +83,7 @@ class RunRecorder:
         self.ablation: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.cache_entries: dict[str, list[str]] = {}
+        self.bad_images: list[dict[str, Any]] = []  # damaged images data.bad_images=skip left out
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
 
@@ -196,6 +197,7 @@ class RunRecorder:
             "failures": [p for p in self.pool if p["status"] != "ok"],
             "selections": self.selections,
             "notes": self.notes,
+            "bad_images": self.bad_images,
             "cache_entries": self.cache_entries,  # what `cache gc --keep` keeps for this run
         }
         write_json_atomic(self.out / "manifest.json", manifest)

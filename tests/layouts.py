@@ -82,3 +82,46 @@ def colour_images(n: int, seed: int, n_classes: int = 4) -> Split:
     y = torch.arange(n) % n_classes
     x = torch.randint(0, 256, (n, 40, 36, 3), dtype=torch.uint8, generator=gen)
     return x, y
+
+
+def write_dtd(root: Path, splits: dict[str, Split], classnames: list[str]) -> Path:
+    """torchvision's DTD layout (clip-benchmark's ``dtd``): ROOT/dtd/dtd/images/<class>/<class>_<i>.jpg and
+    ROOT/dtd/dtd/labels/{train,val,test}1.txt listing ``<class>/<file>`` (partition 1)."""
+    data = root / "dtd" / "dtd"
+    (data / "labels").mkdir(parents=True, exist_ok=True)
+    for split, (x, y) in splits.items():
+        lines = []
+        for i in range(len(x)):
+            name = classnames[int(y[i])]
+            (data / "images" / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i].numpy()).save(data / "images" / name / f"{name}_{split}{i:04d}.jpg", quality=90)
+            lines.append(f"{name}/{name}_{split}{i:04d}.jpg")
+        (data / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def dtd_image(root: Path, split: str, i: int) -> Path:
+    """The file of image ``i`` of a split ``write_dtd`` wrote."""
+    line = (root / "dtd" / "dtd" / "labels" / f"{split}1.txt").read_text().splitlines()[i]
+    return root / "dtd" / "dtd" / "images" / line
+
+
+def truncate(path: Path) -> Path:
+    """Cut an image file short, as an interrupted download or copy leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def zero_wds_payload(root: Path, split: str, key: str) -> Path:
+    """Overwrite the image payload of sample ``key`` in a WebDataset shard with zeros (a disk error);
+    returns the shard."""
+    for shard in sorted((root / split).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            member = next((m for m in tar if m.name.split(".", 1)[0] == key and not m.name.endswith(".cls")), None)
+        if member is not None:
+            with open(shard, "r+b") as f:
+                f.seek(member.offset_data)
+                f.write(bytes(member.size))
+            return shard
+    raise KeyError(key)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
+from bench.data.damaged import decode
+
 
 @dataclass
 class FileImages:
@@ -28,7 +30,8 @@ class FileImages:
         return len(self.indices)
 
     def image(self, i: int):
-        return self.base[int(self.indices[i])][0]
+        """Image i, decoded; a damaged file raises ``bench.data.damaged.BadImage`` naming it."""
+        return decode(self.base, int(self.indices[i]), self.identity)
 
     def subset(self, index: torch.Tensor) -> FileImages:
         return FileImages(self.base, self.indices[index], self.identity)

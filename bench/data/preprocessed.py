@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from bench.codehash import code_digest
 from bench.data.files import FileImages, TransformedImages, to_rgb
 from bench.integrity import quarantine
 from bench.locks import locked_compute
+from bench.progress import progress_bar
 
 
 def uint8_transform(preprocess):
@@ -104,7 +104,7 @@ class PreprocessedCache:
         try:
             out = None
             start = 0
-            for batch in tqdm(loader, desc=desc or "preprocess", leave=False, disable=not self.progress):
+            for batch in progress_bar(loader, desc=desc or "preprocess", enabled=self.progress):
                 if out is None:
                     shape = (len(files), *batch.shape[1:])
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)

@@ -15,6 +15,7 @@ byte range, so one pass over the headers indexes a split and each image is then 
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class WdsSplit(Dataset):
                 f"dataset {dataset!r}: WebDataset shard {missing[0]} is missing ({len(missing)} of {nshards})"
             )
         self.entries: list[tuple[int, int, int]] = []  # (shard, data offset, size) of each image
+        self.keys: list[str] = []  # each image's sample key, to name it when it is damaged
         labels: list[int] = []
         for s, shard in enumerate(self.shards):
             images, classes = {}, {}
@@ -69,6 +71,7 @@ class WdsSplit(Dataset):
                 if key not in classes:
                     raise BenchError(f"dataset {dataset!r}: {shard} holds image {key} without its {key}.cls label")
                 self.entries.append((s, *images[key]))
+                self.keys.append(key)
                 labels.append(classes[key])
         if not self.entries:
             raise BenchError(f"dataset {dataset!r}: the {split} shards under {self.root} hold no labelled images")
@@ -85,10 +88,15 @@ class WdsSplit(Dataset):
         handle = self._handles.get(shard)
         if handle is None:
             handle = self._handles[shard] = open(self.shards[shard], "rb")  # noqa: SIM115 - kept open per reader
-        handle.seek(offset)
-        image = Image.open(io.BytesIO(handle.read(size)))
+        # a positional read: a forked fine-tune worker inherits this descriptor, and with seek + read
+        # the two processes would move one shared file offset under each other
+        payload = os.pread(handle.fileno(), size, offset)
+        image = Image.open(io.BytesIO(payload))
         image.load()
         return image, int(self.labels[i])
+
+    def describe(self, i: int) -> str:
+        return f"shard {self.shards[self.entries[i][0]]} sample {self.keys[i]}"
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
