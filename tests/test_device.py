@@ -141,6 +141,34 @@ def test_bf16_autocast_on_cpu_changes_the_forward_not_the_weights():
     assert not torch.equal(fp32, bf16) and torch.allclose(fp32, bf16, atol=0.5)
 
 
+def test_a_bf16_lambda_point_sees_the_edit_as_fp32_does():
+    """The edit theta_0 + coef * tau must reach bf16's autocast matmuls, not a stale or pre-rounded copy:
+    the change an edit makes to the logits points the same way in bf16 as in fp32 (cosine > 0.9; an edit
+    of 10% of each tensor's std gives 0.99 over seeds, docs/metrics.md "Precision and the lambda curve")."""
+    from bench.data import ImageSplit
+
+    torch.manual_seed(0)
+    backbone = load_backbone("mini-clip-vit", None)
+    theta0 = visual_state(backbone)
+    tau = {k: 0.1 * v.std().clamp_min(1e-3) * torch.randn_like(v) for k, v in theta0.items()}
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    split = ImageSplit(labels=torch.zeros(64, dtype=torch.long), images=images)
+    head = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+
+    def edit_effect(runtime, coef):
+        evaluator = Evaluator(backbone, runtime=runtime)
+        evaluator.set_base(theta0)
+        evaluator.load_edit(tau, 0.0)
+        base = evaluator.logits(split, head)
+        evaluator.load_edit(tau, coef)
+        return evaluator.logits(split, head) - base
+
+    for coef in (-0.5, 0.5):
+        fp32, bf16 = edit_effect(CPU, coef), edit_effect(resolve_runtime("cpu", "bf16"), coef)
+        assert fp32.abs().mean() > 0.05  # an edit that moves the logits well past bf16's rounding
+        assert torch.nn.functional.cosine_similarity(fp32.flatten(), bf16.flatten(), dim=0) > 0.9
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_an_unavailable_device_is_one_clear_error_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NEGMERGE_CACHE", str(tmp_path / "cache"))
