@@ -52,6 +52,14 @@ class Runtime:
             return {}
         return {"device_kind": self.kind, "compile": self.compile, "deterministic": self.deterministic}
 
+    def key_suffix(self) -> str:
+        """``key`` for a cache whose key is a version string: "" or "-<digest of key>"."""
+        import hashlib
+        import json
+
+        extra = self.key()
+        return f"-{hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:12]}" if extra else ""
+
     @property
     def on_accelerator(self) -> bool:
         return self.device.type == "cuda"
@@ -147,3 +155,13 @@ def resolve_runtime(
     if precision == "fp16" and dev.type == "cpu":
         raise BenchError("precision: fp16 autocast is for CUDA; use precision=bf16 on CPU")
     return Runtime(dev, precision, compile, deterministic)
+
+
+def normalisation(
+    cache: dict, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as (1, C, 1, 1) tensors on ``device``, made once per device: made per batch they
+    would be a blocking host-to-device copy every step."""
+    if device not in cache:
+        cache[device] = tuple(torch.tensor(v).view(1, -1, 1, 1).to(device) for v in (mean, std))
+    return cache[device]

@@ -382,6 +382,9 @@ class ClassicRun:
         torch.set_num_threads(cfg.threads)
         self.rt = cfg.runtime()  # an unavailable device fails here, before any work
         self.rec.runtime = self.rt.describe()
+        for store in (self.models, self.pool):  # what computed an entry: device kind, compile, deterministic
+            store.version += self.rt.key_suffix()
+        self.evals.context.update(self.rt.key())
         d = self.data = load_classic(
             cfg.dataset,
             test_limit=cfg.data.test_limit,
