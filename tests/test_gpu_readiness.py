@@ -363,3 +363,26 @@ def test_a_diverged_loss_is_still_caught_by_the_deferred_flag():
     backbone, _, _, (split,), head = _case((32,))
     with pytest.raises(Diverged, match="NaN/Inf by step 2"):
         finetune(backbone, head * float("nan"), split, FinetuneParams(steps=2, batch_size=16), progress=False)
+
+
+# -- the plan's memory estimate --------------------------------------------------------------------------
+
+
+def test_the_plan_estimates_device_memory_per_stage_within_the_residency_budget():
+    """clip-vit-b32 at the paper's split sizes: before the fix every split stays on the device (the
+    last dataset's test stage holds all of them); after it, what the evaluator holds is within budget."""
+    from bench.config import load_suite
+    from bench.memplan import EncoderBytes, memory_plan
+    from bench.plan import plan_clip
+
+    cfg = load_suite("clip-vit-b32")
+    plan = plan_clip(cfg, count_flops=False)
+    enc = EncoderBytes(visual=10**8, model=2 * 10**8, saved_per_image=10**7, eval_per_image=10**6, image_size=224)
+    budget = 4 << 30
+    peaks = memory_plan(cfg, plan.sizes, enc, budget=budget)
+    held_by_model = 3 * enc.visual + cfg.eval_batch_size * (enc.eval_per_image + 4 * 3 * 224**2)
+    assert peaks["test + MIA"]["after"] <= budget + held_by_model
+    every_split = sum(s.val + s.test + s.train for n, s in plan.sizes.items() if n != cfg.control)
+    every_split += plan.sizes[cfg.control].val + plan.sizes[cfg.control].test
+    assert peaks["test + MIA"]["before"] >= every_split * 3 * 224**2  # all uint8 splits, never released
+    assert all(v["after"] < v["before"] for k, v in peaks.items() if k != "budget")
