@@ -386,3 +386,22 @@ def test_the_plan_estimates_device_memory_per_stage_within_the_residency_budget(
     every_split += plan.sizes[cfg.control].val + plan.sizes[cfg.control].test
     assert peaks["test + MIA"]["before"] >= every_split * 3 * 224**2  # all uint8 splits, never released
     assert all(v["after"] < v["before"] for k, v in peaks.items() if k != "budget")
+
+
+def test_a_fine_tune_only_unit_builds_no_evaluator(tmp_path, monkeypatch):
+    """A cluster unit that makes one pool entry evaluates nothing, so it holds no evaluation copy of the
+    encoder (ViT-L/14: ~2.4 GB with theta_0 and a task vector) next to the one it trains."""
+    import bench.protocol_clip as protocol_clip
+    from bench.config import load_suite
+    from bench.runner import run_suite
+    from bench.units import Unit
+
+    def no_evaluator(*args, **kwargs):
+        raise AssertionError("a fine-tune-only unit built an Evaluator")
+
+    monkeypatch.setattr(protocol_clip, "Evaluator", no_evaluator)
+    overrides = ["backbone={name: mini-clip-vit, pretrained: null}", "forget=[sklearn-digits]", "progress=false"]
+    overrides += ["data={train_limit: 64, eval_limit: 32}", "finetune.grid={steps: [2]}", "device=cpu"]
+    cfg = load_suite("mini-clip-tiny", overrides)
+    run_suite(cfg, tmp_path / "unit", tmp_path / "cache", Unit("finetune", cfg.seeds[0], "sklearn-digits", index=0))
+    assert len(list((tmp_path / "cache" / "pool").glob("*.safetensors"))) == 1
