@@ -69,7 +69,7 @@ class Evaluator:
         self._theta0: dict[str, torch.Tensor] | None = None
         self._tau_source: Mapping[str, torch.Tensor] | None = None
         self._tau_resident: dict[str, torch.Tensor] = {}
-        self._heads: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(head) -> (head, on the device)
         self.copy_splits = runtime.on_accelerator if copy_splits is None else copy_splits
         self.residency = Residency(resident_budget(runtime) if budget is None else budget)
         self._staging = _Staging(runtime.device)
@@ -125,9 +125,13 @@ class Evaluator:
         return self._tau_resident
 
     def _head(self, head: torch.Tensor) -> torch.Tensor:
-        if self._heads is None or self._heads[0] is not head:
-            self._heads = (head, head.to(self.rt.device))
-        return self._heads[1]
+        """The head on the device, uploaded once (a lambda point alternates the forget and control heads)."""
+        held = self._heads.get(id(head))
+        if held is None or held[0] is not head:
+            if len(self._heads) >= 8:
+                self._heads.clear()
+            held = self._heads[id(head)] = (head, head.to(self.rt.device))
+        return held[1]
 
     def _images(self, images: torch.Tensor) -> torch.Tensor | None:
         """The split on the device: the host tensor itself (no copy), a resident copy, or None (stream it)."""
