@@ -405,3 +405,23 @@ def test_a_fine_tune_only_unit_builds_no_evaluator(tmp_path, monkeypatch):
     cfg = load_suite("mini-clip-tiny", overrides)
     run_suite(cfg, tmp_path / "unit", tmp_path / "cache", Unit("finetune", cfg.seeds[0], "sklearn-digits", index=0))
     assert len(list((tmp_path / "cache" / "pool").glob("*.safetensors"))) == 1
+
+
+@no_cuda
+def test_classic_runs_key_models_pool_and_evaluations_by_the_runtime(fake_cuda, tmp_path):
+    from bench.config import load_suite
+    from bench.protocol_classic import ClassicRun
+
+    keys = []
+    for rt in (CPU, Runtime(torch.device("cuda:0"))):
+        run = ClassicRun(load_suite("mini-classic-tiny"), tmp_path / "out", tmp_path / "cache")
+        run.rt = rt
+        run._key_by_runtime()
+        keys.append((run.models.key({"role": "original"}), run.pool.key({"df": "x"}), run.evals._path({"model": "m"})))
+    assert all(a != b for a, b in zip(*keys, strict=True))
+    plain = ClassicRun(load_suite("mini-classic-tiny"), tmp_path / "out", tmp_path / "cache")
+    assert keys[0] == (
+        plain.models.key({"role": "original"}),
+        plain.pool.key({"df": "x"}),
+        plain.evals._path({"model": "m"}),
+    )
