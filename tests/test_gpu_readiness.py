@@ -280,7 +280,7 @@ def test_a_run_that_expects_a_gpu_and_finds_none_exits_2(var, value, tmp_path, c
     err = capsys.readouterr().err
     assert f"error: device: auto, and a GPU was expected ({var}={value}), but torch sees no CUDA device" in err
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
-    assert resolve_runtime("cpu") == CPU  # asking for the CPU on purpose is no error
+    assert resolve_runtime("cpu").kind == "cpu"  # asking for the CPU on purpose is no error
 
 
 @no_cuda
@@ -290,7 +290,7 @@ def test_an_empty_gpu_list_expects_no_gpu(value, monkeypatch):
     monkeypatch.delenv("SLURM_JOB_GPUS", raising=False)
     monkeypatch.delenv("SLURM_STEP_GPUS", raising=False)
     monkeypatch.delenv("NEGMERGE_EXPECT_GPU", raising=False)
-    assert gpu_expected() is None and resolve_runtime("auto") == CPU
+    assert gpu_expected() is None and resolve_runtime("auto").kind == "cpu"
 
 
 @no_cuda
