@@ -78,6 +78,9 @@ def perf(session: nox.Session) -> None:
 
 @nox.session
 def gpu(session: nox.Session) -> None:
-    """The reduced real-backbone path on CUDA in bf16 end to end, then ViT-B-32 eval/train images/s at 224
-    in fp32 and bf16. Says so and passes where there is no GPU."""
+    """The prepared GPU check (<= 10 minutes, fresh temporary caches): the reduced ViT-B-32 suite on CUDA in
+    bf16 twice (byte for byte) with device memory per stage, fp16 vs bf16 (regress), strict determinism
+    (the ops without a deterministic kernel), host syncs per step and per lambda point, fp32 GPU-vs-CPU
+    logits with TF32 off and on, ViT-B-32 eval/train images/s in fp32 and bf16. Figures in
+    ``--out DIR`` (gpu_check.json / .md). Says so and passes where there is no GPU."""
     session.run("python", "benchmarks/gpu_check.py", *session.posargs)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.device import normalisation
 from bench.errors import BenchError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -50,6 +51,7 @@ class Backbone:
     std: tuple[float, ...]
     preprocess: object  # PIL -> tensor evaluation transform (for datasets of PIL images)
     train_preprocess: object = None  # open_clip's train transform (fine-tuning without RandAugment)
+    _norm: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (mean, std) tensors
 
     @property
     def visual(self) -> torch.nn.Module:
@@ -77,8 +79,7 @@ class Backbone:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = normalisation(self._norm, self.mean, self.std, x.device)
         return (x - mean) / std
 
 

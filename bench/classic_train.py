@@ -6,6 +6,7 @@ random labels for Df; l1-sparse adds an l1 penalty; SalUn restricts updates to a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -16,7 +17,7 @@ from torch import nn
 
 from bench.data.classic import ClassicData
 from bench.device import CPU, Runtime
-from bench.finetune import Diverged
+from bench.finetune import FiniteWatch
 from bench.progress import progress_bar
 
 
@@ -52,12 +53,14 @@ class SgdParams:
         return ",".join(f"{k}={v}" for k, v in asdict(self).items() if v != getattr(default, k)) or "defaults"
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, gen: torch.Generator, flip_gen: torch.Generator) -> torch.Tensor:
+    """Random crop (one offset per batch, drawn on the host: no device read) and per-image flips,
+    drawn by ``flip_gen`` on the batch's device (a host draw would be an upload every step)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
     dx, dy = torch.randint(0, 9, (2,), generator=gen).tolist()
     x = padded[:, :, dy : dy + h, dx : dx + w]
-    flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+    flip = torch.rand(n, generator=flip_gen, device=flip_gen.device) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
@@ -79,6 +82,10 @@ def train(
     model.to(runtime.device)
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
+    # flips: on the device; on a CPU from ``gen`` itself, so CPU runs draw what they always drew
+    flip_gen = torch.Generator(runtime.device).manual_seed(params.seed) if runtime.on_accelerator else gen
+    scaler = runtime.grad_scaler()
+    watch = FiniteWatch(desc)
     opt = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
     n = len(labels)
     steps_per_epoch = max(1, math.ceil(n / params.batch_size))
@@ -99,25 +106,27 @@ def train(
             idx = order[start : start + params.batch_size]
             x = data.to_input(runtime.to(images[idx]))
             if params.augment:
-                x = _augment(x, gen)
+                x = _augment(x, gen, flip_gen)
             with runtime.autocast():
                 loss = F.cross_entropy(model(x), runtime.to(labels[idx]), label_smoothing=params.label_smoothing)
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} during {desc}")
+            watch.see(loss)
             objective = direction * loss
             if l1_alpha:
                 # l1-sparse unlearning: the penalty decays linearly over training (Jia et al. 2023)
                 objective = objective + l1_alpha * (1 - step / total) * sum(p.abs().sum() for p in model.parameters())
             opt.zero_grad(set_to_none=True)
-            objective.backward()
+            scaler.scale(objective).backward()  # fp16: loss scaling (a disabled scaler passes through)
             if grad_mask is not None:
                 for name, mask in grad_mask.items():
                     if named[name].grad is not None:
                         named[name].grad.mul_(mask)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
+            watch.step(step)
             step += 1
             bar.update(1)
+    watch.check(total - 1)
     bar.close()
     model.eval()
     return model
@@ -133,8 +142,8 @@ def logits_of(
     for s in range(0, len(images), batch_size):
         with runtime.autocast():
             out = model(data.to_input(runtime.to(images[s : s + batch_size])))
-        outs.append(out.float().cpu())
-    return torch.cat(outs)
+        outs.append(out.float())
+    return torch.cat(outs).cpu()  # one device-to-host copy per split
 
 
 def saliency_mask(
@@ -146,12 +155,16 @@ def saliency_mask(
     batch_size: int = 256,
     runtime: Runtime = CPU,
 ) -> dict[str, torch.Tensor]:
-    """SalUn: |gradient of the forget loss|, thresholded globally to keep the top (1 - sparsity) weights."""
+    """SalUn: |gradient of the forget loss|, thresholded globally to keep the top (1 - sparsity) weights.
+
+    In fp16 the gradients are taken in fp32: a sum-reduced loss's fp16 gradients overflow without loss
+    scaling, and this pass has no optimiser step to scale through (bf16 keeps its autocast)."""
     model.eval()
+    forward_precision = contextlib.nullcontext if runtime.precision == "fp16" else runtime.autocast
     grads = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for start in range(0, len(labels), batch_size):
         model.zero_grad(set_to_none=True)
-        with runtime.autocast():
+        with forward_precision():
             loss = F.cross_entropy(
                 model(data.to_input(runtime.to(images[start : start + batch_size]))),
                 runtime.to(labels[start : start + batch_size]),

@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--executor", choices=EXECUTORS, help="submit per-seed jobs")
     cluster.add_argument("--partition", help="SLURM partition")
     cluster.add_argument("--timeout-min", type=int, default=240, help="per-job time limit (default 240)")
-    cluster.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per job (default 1)")
+    cluster.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per job (default: 1 on SLURM, 0 for local/debug)"
+    )
     cluster.add_argument("--cpus-per-task", type=int, default=8, help="CPUs per job (default 8)")
     cluster.add_argument("--mem-gb", type=float, help="memory per job in GB")
     cluster.add_argument("--array-parallelism", type=int, help="at most this many jobs of an array at once")

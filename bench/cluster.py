@@ -36,7 +36,7 @@ class ClusterOptions:
     executor: str = "slurm"  # "local" runs jobs as subprocesses here, "debug" in this process (tests)
     partition: str | None = None
     timeout_min: int = 240
-    gpus_per_node: int = 1
+    gpus_per_node: int | None = None  # default: 1 on SLURM, 0 for local / debug jobs on this machine
     cpus_per_task: int = 8
     mem_gb: float | None = None
     array_parallelism: int | None = None  # at most this many jobs of an array at once (default: all)
@@ -68,18 +68,37 @@ def write_state(run_dir: Path, unit: Unit, state: str, **extra: Any) -> None:
     write_json_atomic(unit_dir(run_dir, unit) / "state.json", record)
 
 
+def job_environment(cache: Path, expect_gpu: bool) -> dict[str, str]:
+    """What a unit job sets before any work: the shared cache, whatever the node's default; torch.compile's
+    inductor cache inside it (every job reuses the kernels the first one compiled, instead of compiling
+    them again); and, for a job given GPUs, that one is expected (``device: auto`` then fails rather
+    than running on the CPU)."""
+    env = {"NEGMERGE_CACHE": str(cache), "TORCHINDUCTOR_CACHE_DIR": str(Path(cache) / "inductor")}
+    if expect_gpu:
+        env["NEGMERGE_EXPECT_GPU"] = "1"
+    return env
+
+
 class UnitJob:
     """Units of a suite, as one submitit job: fills the shared cache; checkpointable by requeueing."""
 
-    def __init__(self, suite: str, overrides: list[str], units: list[Unit], run_dir: Path, cache: Path) -> None:
+    def __init__(
+        self,
+        suite: str,
+        overrides: list[str],
+        units: list[Unit],
+        run_dir: Path,
+        cache: Path,
+        expect_gpu: bool = False,
+    ) -> None:
         self.suite, self.overrides, self.units = suite, overrides, units
-        self.run_dir, self.cache = Path(run_dir), Path(cache)
+        self.run_dir, self.cache, self.expect_gpu = Path(run_dir), Path(cache), expect_gpu
 
     def __call__(self) -> list[str]:
         from bench.config import load_suite
         from bench.runner import run_suite
 
-        os.environ["NEGMERGE_CACHE"] = str(self.cache)  # the shared cache, whatever the node's default
+        os.environ.update(job_environment(self.cache, self.expect_gpu))
         cfg = load_suite(self.suite, self.overrides)
         for unit in self.units:
             write_state(self.run_dir, unit, "running")
@@ -96,6 +115,23 @@ class UnitJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(self)
+
+
+def resolved_gpus(opts: ClusterOptions) -> int:
+    """GPUs per job; jobs on this machine (local / debug) that ask for one fail here, before any
+    submission, when torch sees none."""
+    gpus = opts.gpus_per_node if opts.gpus_per_node is not None else (1 if opts.executor == "slurm" else 0)
+    if gpus < 0:
+        raise BenchError(f"--gpus-per-node must be >= 0, got {gpus}")
+    if gpus >= 1 and opts.executor != "slurm":
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise BenchError(
+                f"--gpus-per-node {gpus}: {opts.executor} jobs run on this machine, where torch sees "
+                f"{torch.cuda.device_count()} CUDA devices; pass --gpus-per-node 0 to run them on the CPU"
+            )
+    return gpus
 
 
 def write_plan(run_dir: Path, suite: str, overrides: list[str], phases: list[list[Unit]]) -> None:
@@ -122,12 +158,13 @@ def submit_units(
         raise BenchError("--no-wait: only SLURM jobs outlive this command; drop --no-wait for --executor local/debug")
     if opts.units_per_job < 1:
         raise BenchError(f"--units-per-job must be >= 1, got {opts.units_per_job}")
+    gpus = resolved_gpus(opts)
     write_plan(out, suite, overrides, phases)
     executor = submitit.AutoExecutor(folder=str(Path(out) / "cluster-logs" / "%j"), cluster=opts.executor)
     base: dict[str, Any] = {
         "name": f"negmerge-{Path(suite).stem}",
         "timeout_min": opts.timeout_min,
-        "gpus_per_node": opts.gpus_per_node,
+        "gpus_per_node": gpus,
         "cpus_per_task": opts.cpus_per_task,
         **opts.extra,
     }
@@ -148,7 +185,7 @@ def submit_units(
             _wait(previous)
         executor.update_parameters(**params)
         with executor.batch():
-            submitted = [executor.submit(UnitJob(suite, overrides, g, out, cache)) for g in groups]
+            submitted = [executor.submit(UnitJob(suite, overrides, g, out, cache, gpus >= 1)) for g in groups]
         jobs += submitted
         previous = submitted
     if wait:

@@ -336,6 +336,9 @@ class ClipSuite(MethodChecks):
     selection: SelectionCfg = SelectionCfg()
     mia: MiaCfg = MiaCfg()
     eval_batch_size: int = Field(512, gt=0)
+    # GB of evaluation splits an evaluator keeps on its device (uint8 uploads and normalised inputs);
+    # default: a quarter of an accelerator's memory, 1 GiB of inputs on a CPU. Results never depend on it.
+    eval_resident_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     ablation: AblationCfg | None = None
     progress: bool = True
 

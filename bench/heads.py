@@ -48,6 +48,8 @@ def cached_head(
     key_parts = [backbone_id, classnames, templates, numerics.tag()]
     if runtime.precision != "fp32":
         key_parts.append(runtime.precision)  # fp32 keys stay what they were: the same bits as before
+    if runtime.key():
+        key_parts.append(runtime.key())  # device kind, compile, deterministic (a plain CPU run: none)
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:16]
     path = cache / "heads" / f"{key}.safetensors"
 

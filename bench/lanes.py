@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -33,10 +34,17 @@ def usable_cores() -> int:
 
 
 def resolve_jobs(jobs: int | str, threads: int, on_accelerator: bool) -> int:
-    """``auto``: one lane per ``threads`` cores on a CPU; one on an accelerator (it runs one batch at a time)."""
+    """``auto``: one lane per ``threads`` cores on a CPU. One on an accelerator, whatever was asked: it
+    runs one batch at a time, so more lanes add encoder copies to its memory and no speed."""
+    if on_accelerator:
+        if jobs != "auto" and int(jobs) > 1:
+            warnings.warn(
+                f"jobs: {jobs} on an accelerator runs as 1 (more lanes only add encoder copies)", stacklevel=2
+            )
+        return 1
     if jobs != "auto":
         return int(jobs)
-    return 1 if on_accelerator else max(1, usable_cores() // max(1, threads))
+    return max(1, usable_cores() // max(1, threads))
 
 
 class Lanes:

@@ -74,11 +74,12 @@ def tag() -> str:
     return "portable-avx2" if mode() == "portable" else "native"
 
 
-def check_process() -> dict[str, str]:
+def check_process(compile_on_cpu: bool = False) -> dict[str, str]:
     """Make the running process's kernels match the mode, or say exactly why they cannot.
 
     Called at the start of every run (``bench.device.resolve_runtime``). Returns what the manifest
-    records."""
+    records. ``compile_on_cpu``: the run compiles its encoder for a CPU, which portable mode refuses
+    (inductor generates and compiles kernels for the CPU it runs on)."""
     import torch
 
     from bench.errors import BenchError
@@ -90,6 +91,11 @@ def check_process() -> dict[str, str]:
     info = {"mode": mode(), "cpu_capability": capability, "emulating_other_cpu": str(emulating_other_cpu())}
     if mode() == "native":
         return info
+    if compile_on_cpu:
+        raise BenchError(
+            "compile: true on a CPU generates kernels for this CPU (torch.compile), so its bits are this "
+            "machine's and portable numerics cannot hold: set NEGMERGE_NUMERICS=native to compile on a CPU"
+        )
     for key, value in PORTABLE_ENV.items():
         if os.environ.get(key) != value:
             raise BenchError(

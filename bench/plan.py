@@ -215,4 +215,8 @@ def make_plan(cfg, images_per_second: float | None, measure: bool) -> str:
     elif images_per_second:
         eval_ips, train_ips = images_per_second, images_per_second / 3
     text = format_plan(plan, eval_ips, train_ips, measure, cfg.control)
+    from bench.memplan import encoder_bytes, format_memory, memory_plan
+
+    enc = encoder_bytes(cfg.backbone.name)
+    text += "\n" + format_memory(memory_plan(cfg, plan.sizes, enc), enc)
     return text + "\ncluster job layout:\n" + describe_plan(plan_units(cfg))

@@ -32,6 +32,7 @@ def pretrained_checkpoint(
     spec["code"] = code_digest("bench.pretrain")
     if runtime.precision != "fp32":
         spec["precision"] = runtime.precision  # fp32 keeps its key: the same bits as before
+    spec |= runtime.key()  # device kind, compile, deterministic (a plain CPU run: none)
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "backbones" / f"{model_name}-{key}.safetensors"
     return locked_compute(
@@ -70,6 +71,7 @@ def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, prog
             (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (cfg.steps - warmup)))
         ),
     )
+    scaler = runtime.grad_scaler()  # fp16: loss scaling (a disabled scaler passes through)
     model.train()
     for _ in progress_bar(range(cfg.steps), desc=f"pretrain {model_name}", enabled=progress, leave=True):
         idx = torch.randint(len(x_all), (cfg.batch_size,), generator=gen)
@@ -83,8 +85,9 @@ def _pretrain(model_name: str, cfg: PretrainCfg, data: DataCfg, path: Path, prog
             logits = model.logit_scale.exp() * img @ txt.T  # (B, n_classes_in_batch)
             loss = F.cross_entropy(logits, runtime.to(inverse))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))

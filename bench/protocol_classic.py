@@ -96,6 +96,13 @@ class ClassicRun:
         )
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
 
+    def _key_by_runtime(self) -> None:
+        """What computes an entry is part of its key: device kind, compile, deterministic mode (nothing
+        for a plain CPU run, whose keys stay what they were)."""
+        for store in (self.models, self.pool):
+            store.version += self.rt.key_suffix()
+        self.evals.context.update(self.rt.key())
+
     # -- models ----------------------------------------------------------------------------------
     def _new_model(self) -> nn.Module:
         torch.manual_seed(0)
@@ -382,6 +389,7 @@ class ClassicRun:
         torch.set_num_threads(cfg.threads)
         self.rt = cfg.runtime()  # an unavailable device fails here, before any work
         self.rec.runtime = self.rt.describe()
+        self._key_by_runtime()
         d = self.data = load_classic(
             cfg.dataset,
             test_limit=cfg.data.test_limit,

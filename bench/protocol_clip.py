@@ -29,7 +29,7 @@ from bench.data.damaged import BadImageCheck
 from bench.data.preprocessed import PreprocessedCache
 from bench.errors import BenchError
 from bench.evalcache import EvalCache, vector_id
-from bench.evaluate import Evaluator, top1
+from bench.evaluate import Evaluator, resident_budget, top1
 from bench.finetune import FinetuneParams, finetune
 from bench.heads import cached_head
 from bench.lanes import Lanes, resolve_jobs
@@ -252,6 +252,7 @@ class ClipRun:
             "params": asdict(grid.points[i]),
             "direction": grid.direction,
             "precision": self.cfg.precision,
+            **self.rt.key(),  # device kind, compile, deterministic (empty for a plain CPU run)
             **made_by,
             **self._left_out(task),
         }
@@ -305,7 +306,7 @@ class ClipRun:
     def _produce_ahead(self, tasks: dict[str, TaskData]) -> None:
         """With ``jobs`` > 1 on a CPU, the fine-tunes this run still lacks are made first, ``jobs`` at a
         time in worker processes (``bench.producers``); the stages then find them in the pool."""
-        if self.unit is not None or len(self.lanes) < 2 or self.rt.on_accelerator:
+        if self.lanes is None or self.unit is not None or len(self.lanes) < 2 or self.rt.on_accelerator:
             return
         units = [u for u in plan_units(self.cfg)[0] if u.kind in PRODUCE]
         missing, cost = [], {}
@@ -396,12 +397,14 @@ class ClipRun:
         self.backbone = self._backbone()
         self.backbone_id = self.backbone.identity()
         self.theta0 = visual_state(self.backbone)
-        self.ev = Evaluator(self.backbone, cfg.eval_batch_size, self.rt)
-        self.ev.set_base(self.theta0)
-        self.lanes = Lanes(
-            self.ev, 1 if self._producing else resolve_jobs(cfg.jobs, cfg.threads, self.rt.on_accelerator)
-        )
-        self.rec.runtime["jobs"] = len(self.lanes)
+        self.ev: Evaluator | None = None
+        self.lanes: Lanes | None = None
+        if not self._producing:  # a fine-tune-only unit holds no evaluation copy of the encoder
+            budget = resident_budget(self.rt, cfg.eval_resident_gb)
+            self.ev = Evaluator(self.backbone, cfg.eval_batch_size, self.rt, budget=budget)
+            self.ev.set_base(self.theta0)
+            self.lanes = Lanes(self.ev, resolve_jobs(cfg.jobs, cfg.threads, self.rt.on_accelerator))
+        self.rec.runtime["jobs"] = len(self.lanes) if self.lanes else 1
         self.evals = EvalCache(
             self.cache / "evals",
             {
@@ -411,6 +414,7 @@ class ClipRun:
                 "mia": cfg.mia.model_dump(),
                 "precision": cfg.precision,
                 **({"left_out": self.bad.digest()} if self.bad.digest() else {}),  # data.bad_images=skip
+                **self.rt.key(),
             },
             code_modules=("bench.evaluate", "bench.heads", "bench.protocol_clip"),
         )
@@ -442,7 +446,8 @@ class ClipRun:
             with self.rec.timed("test metrics, waited for"):
                 self._flush()
         finally:
-            self.lanes.close()
+            if self.lanes is not None:
+                self.lanes.close()
             if self._scoring is not None:
                 self._scoring.shutdown(cancel_futures=True)
         self.rec.note(f"evaluation cache: {self.evals.hits} hits, {self.evals.misses} computed")
@@ -462,7 +467,11 @@ class ClipRun:
                     self._candidates(self.unit, tasks[name], head)
                     continue
                 row = dict(backbone=f"{self.cfg.backbone.name}/{self.cfg.backbone.pretrained}", dataset=name, seed=seed)
-                self._evaluate_task(EvalContext(self.prepared[name], head, self.control, self.head_c, seed, row))
+                task = self.prepared[name]
+                self._evaluate_task(EvalContext(task, head, self.control, self.head_c, seed, row))
+                self.ev.release(
+                    task.val, task.test, task.train_eval
+                )  # its stages are done: its splits leave the device
 
     def _evaluate_task(self, ctx: EvalContext) -> None:
         """Every stage for one (seed, forget dataset)."""

@@ -112,9 +112,14 @@ def test_a_failing_lambda_point_stops_the_sweep_with_its_error():
     lanes.close()
 
 
-def test_compile_true_evaluates_the_compiled_encoder_and_follows_in_place_edits():
+def test_compile_true_evaluates_the_compiled_encoder_and_follows_in_place_edits(monkeypatch, tmp_path):
     """compile: true wraps the encoder in torch.compile (inductor, on CPU here): the same predictions as
-    eager, and a lambda point written in place reaches the compiled graph (parameters are its inputs)."""
+    eager, and a lambda point written in place reaches the compiled graph (parameters are its inputs).
+    Inductor compiles for this CPU, so a CPU compile runs with native numerics (bench.numerics)."""
+    monkeypatch.setenv("NEGMERGE_NUMERICS", "native")
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", True)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # inductor reads it: its AVX2 code gave NaN here
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # its cache ignores the ISA
     backbone, theta0, tau, split, head = _edit_case(64)
     eager, compiled = Evaluator(backbone), Evaluator(backbone, runtime=resolve_runtime("cpu", compile=True))
     assert compiled.forward is not compiled.visual  # the torch.compile wrapper
@@ -126,6 +131,11 @@ def test_compile_true_evaluates_the_compiled_encoder_and_follows_in_place_edits(
         a, b = eager.logits(split, head), compiled.logits(split, head)
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_compile_on_a_cpu_is_refused_under_portable_numerics():
+    with pytest.raises(BenchError, match="compile: true on a CPU generates kernels for this CPU"):
+        resolve_runtime("cpu", compile=True)
 
 
 def test_bf16_autocast_on_cpu_changes_the_forward_not_the_weights():
@@ -177,7 +187,7 @@ def test_an_unavailable_device_is_one_clear_error_before_any_work(tmp_path, caps
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     with pytest.raises(BenchError, match="fp16 autocast is for CUDA"):
         resolve_runtime("cpu", "fp16")
-    assert resolve_runtime("auto") == CPU
+    assert resolve_runtime("auto").device == CPU.device and resolve_runtime("auto").kind == "cpu"
 
 
 def test_a_malformed_device_is_a_config_error(tmp_path, capsys):

@@ -7,11 +7,12 @@ root, or download=True where internet works).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from bench.data import offline
+from bench.device import normalisation
 from bench.errors import BenchError
 
 NUM_CLASSES = {"fashion-mnist": 10, "cifar10": 10, "cifar100": 100}
@@ -35,11 +36,12 @@ class ClassicData:
     val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    _norm: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (mean, std) tensors
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> normalised float input, on the images' device."""
         x = images.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = normalisation(self._norm, self.mean, self.std, x.device)
         return (x - mean) / std
 
 
