@@ -69,10 +69,13 @@ def _check(p: float, seed: int, base: str, base_params: Mapping[str, Any] | None
         raise MergeInputError(
             f"base_params: unknown {base} parameter {unknown[0]!r}; known: {', '.join(known) or 'none'}"
         )
-    if base == "ties":
-        check_ties_params(params.get("k", 0.2), params.get("scope", "global"))
-    elif base == "negmerge":
-        required_votes(params.get("threshold", 1.0), 1)
+    try:
+        if base == "ties":
+            check_ties_params(params.get("k", 0.2), params.get("scope", "global"))
+        elif base == "negmerge":
+            required_votes(params.get("threshold", 1.0), 1)
+    except MergeInputError as exc:
+        raise MergeInputError(f"base_params: {exc}") from None
     return dict(params)
 
 

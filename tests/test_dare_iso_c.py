@@ -152,8 +152,8 @@ def test_dare_rescaling_overflow_is_a_clear_error():
         ({"base_params": [1]}, "base_params must be a mapping"),
         ({"base": "ties", "base_params": {"kk": 1}}, "base_params: unknown ties parameter 'kk'; known: k, scope"),
         ({"base_params": {"k": 0.2}}, "base_params: unknown average parameter 'k'; known: none"),
-        ({"base": "ties", "base_params": {"k": 2}}, r"k must be a fraction in \(0, 1\], got 2"),
-        ({"base": "negmerge", "base_params": {"threshold": 0}}, r"threshold must be a number in \(0, 1\]"),
+        ({"base": "ties", "base_params": {"k": 2}}, r"base_params: k must be a fraction in \(0, 1\], got 2"),
+        ({"base": "negmerge", "base_params": {"threshold": 0}}, r"base_params: threshold must be a number in \(0, 1\]"),
     ],
 )
 def test_dare_bad_params_name_the_field(params, message):
