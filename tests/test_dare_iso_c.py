@@ -231,3 +231,15 @@ def test_iso_c_nan_is_a_clear_error():
     pool = [{"w": torch.ones(3, 3)}, {"w": torch.tensor([[1.0, 2.0, float("nan")]] * 3)}]
     with pytest.raises(MergeInputError, match=r"candidate 1.*'w'.*NaN or Inf"):
         get_merge("iso_c")(pool)
+
+
+def test_iso_c_does_not_depend_on_the_thread_count(monkeypatch):
+    """Each SVD runs on one core whatever the number of threads sharing them out: the same bits."""
+    g = torch.Generator().manual_seed(4)
+    pool = [{f"m{j}": torch.randn(60 + j, 40, generator=g) for j in range(5)} for _ in range(3)]
+    monkeypatch.setenv("NEGMERGE_MERGE_THREADS", "1")
+    one = get_merge("iso_c")(pool)
+    monkeypatch.setenv("NEGMERGE_MERGE_THREADS", "3")
+    three = get_merge("iso_c")(pool)
+    for key in one:
+        assert torch.equal(one[key], three[key]), key
