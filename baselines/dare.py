@@ -132,36 +132,48 @@ class _DroppedSource:
 
 
 class _DropThenReduce:
-    """Drop each chunk of the K candidates into a per-thread scratch block, then run the base's reducer
-    on the dropped chunks, writing straight into the output."""
+    """Drop the K candidates' chunk, a block of BLOCK elements at a time, into a per-thread scratch
+    block (K x BLOCK float32, in L2), and run the base's reducer on each dropped block, writing straight
+    into the output: the inputs are read once, the scratch never leaves the cache."""
+
+    BLOCK = 1 << 14
 
     def __init__(self, drop: _Drop, base: Reduce) -> None:
         self.drop = drop
         self.base = base
         self.local = threading.local()
 
-    def _scratch(self, k: int, n: int) -> torch.Tensor:
+    def _scratch(self, k: int) -> tuple[torch.Tensor, np.ndarray]:
         block = getattr(self.local, "block", None)
-        if block is None or block.shape[1] < n:
-            block = self.local.block = torch.empty(k, n, dtype=torch.float32)
-        return block
+        if block is None:
+            block = self.local.block = torch.empty(k, self.BLOCK, dtype=torch.float32)
+            self.local.addresses = np.array([row.data_ptr() for row in block], dtype=np.int64)
+        return block, self.local.addresses
 
     def __call__(self, chunks: list[torch.Tensor], where: Where) -> torch.Tensor:
+        block, scratch = self._scratch(len(chunks))
+        inputs = where.addresses()
+        keys = self.drop.keys[where.key]
         n = where.out.numel()
-        block = self._scratch(len(chunks), n)
-        dropped = [block[i, :n] for i in range(len(chunks))]
-        overflowed = -1
-        for i, (chunk, out) in enumerate(zip(chunks, dropped, strict=True)):
-            status = self.drop.into(i, where.key, where.start, chunk.numpy(), out.numpy())
+        results = []  # a base reducer may return its own tensor (NegMerge's single-candidate path)
+        for s in range(0, n, self.BLOCK):
+            m = min(self.BLOCK, n - s)
+            status, i = kernels.drop_and_rescale_all(
+                inputs + 4 * s, scratch, m, keys, where.start + s, self.drop.below, self.drop.keep
+            )
             if status == 1:
                 where.check(False)  # the exact check names the candidate holding NaN/Inf
-            if status == 2 and overflowed < 0:
-                overflowed = i
+            if status == 2:
+                raise self.drop.overflow(i, where.key)
+            dropped = [row[:m] for row in block]
+            inner = Where(where.key, where.start + s, dropped, self.drop.sources, out=where.out[s : s + m])
+            results.append(self.base(dropped, inner))
         where.check(True)  # every input finite: the kernel saw each value
-        if overflowed >= 0:
-            raise self.drop.overflow(overflowed, where.key)
-        inner = Where(where.key, where.start, dropped, self.drop.sources, out=where.out)
-        return self.base(dropped, inner)
+        for r, s in zip(results, range(0, n, self.BLOCK), strict=True):
+            part = where.out[s : s + r.numel()]
+            if r.data_ptr() != part.data_ptr():
+                part.copy_(r)
+        return where.out
 
 
 def dare_merge(

@@ -352,3 +352,20 @@ def drop_and_rescale(values, out, key, start, below, keep):
     if bad_in:
         return 1
     return 2 if bad_out else 0
+
+
+@_jit
+def drop_and_rescale_all(addresses, out_addresses, n, keys, start, below, keep):
+    """``drop_and_rescale`` for each of the K chunks at ``addresses`` into the chunks at
+    ``out_addresses``, in one call. Returns (1, i) for the first candidate i with a NaN/Inf input, else
+    (2, i) for the first whose rescaling overflowed, else (0, -1)."""
+    overflowed = -1
+    for i in range(addresses.size):
+        status = drop_and_rescale(
+            _chunk(addresses, i, 0, n), _chunk(out_addresses, i, 0, n), keys[i], start, below, keep
+        )
+        if status == 1:
+            return 1, i
+        if status == 2 and overflowed < 0:
+            overflowed = i
+    return (2, overflowed) if overflowed >= 0 else (0, -1)

@@ -22,19 +22,22 @@ from tests.test_merges import candidate_pools, flat_one
 
 BASE_REFS = {"average": average_ref, "ties": ties_ref, "negmerge": negmerge_ref}
 BASE_PARAMS = {"average": [{}], "ties": [{}, {"k": 0.5}, {"k": 1.0}], "negmerge": [{}, {"threshold": 0.5}]}
-DROPS = st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.9])
+# TIES elects a sign by a sum, and a sum that is exactly 0 in one precision may not be in another: with
+# p whose 1 - p is a power of two the rescaled values stay multiples of 1/4 (sums exact in float32 and
+# float64 alike). The other bases decide by counts, so any p.
+DROPS = {"ties": [0.0, 0.5, 0.75, 0.875], "average": [0.0, 0.1, 0.3, 0.5, 0.9], "negmerge": [0.0, 0.1, 0.3, 0.5, 0.9]}
 
 
 @st.composite
 def bases(draw):
     base = draw(st.sampled_from(sorted(BASE_REFS)))
-    return base, draw(st.sampled_from(BASE_PARAMS[base]))
+    return base, draw(st.sampled_from(BASE_PARAMS[base])), draw(st.sampled_from(DROPS[base]))
 
 
-@settings(max_examples=200, deadline=None)
-@given(candidate_pools(), DROPS, st.integers(0, 2**40), bases())
-def test_dare_matches_definition(pool, p, seed, base):
-    name, params = base
+@settings(max_examples=300, deadline=None)
+@given(candidate_pools(), st.integers(0, 2**40), bases())
+def test_dare_matches_definition(pool, seed, base):
+    name, params, p = base
     merged = get_merge("dare")(pool, p=p, seed=seed, base=name, base_params=params)
     expected = BASE_REFS[name](dare_dropped(pool, p, seed), **params)
     np.testing.assert_allclose(flat_one(merged), expected, rtol=1e-6, atol=1e-7)
