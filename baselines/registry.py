@@ -17,8 +17,10 @@ from typing import Any, Literal
 import torch
 
 from baselines.average import average_merge
+from baselines.dare import dare_merge
 from baselines.ft import FineTune
 from baselines.ga import GradientAscent
+from baselines.iso_c import iso_c_merge
 from baselines.l1_sparse import L1Sparse
 from baselines.magmax import magmax_merge
 from baselines.rl import RandomLabel
@@ -174,4 +176,6 @@ register(Method("single_best", "single", "Single best TA", "tab:purple", protoco
 register(Method("average", "merge", "Uniform merge", "tab:blue", merge=average_merge))
 register(Method("ties", "merge", "TIES", "tab:orange", merge=ties_merge))
 register(Method("magmax", "merge", "MagMax", "tab:green", merge=magmax_merge))
+register(Method("dare", "merge", "DARE", "tab:brown", merge=dare_merge))
+register(Method("iso_c", "merge", "Iso-C", "navy", merge=iso_c_merge))
 register(Method("negmerge", "merge", "NegMerge", "tab:red", merge=sign_consensus_merge, emphasis=True))

@@ -48,7 +48,7 @@ def _cut(source: TensorSource, keys: list[str], k: float) -> float:
     return mth_largest_magnitude(lambda: (source.get(key) for key in keys), m, n)
 
 
-class _TiesReduce:
+class TiesReduce:
     """Trim, elect, disjoint mean, chunk by chunk, in one fused pass (negmerge.kernels.ties): the
     same values as the literal definition, bit for bit (tests/test_merge_digests.py).
 
@@ -90,13 +90,18 @@ class _TiesReduce:
             out[key].view(-1)[index] = (pos_vals if majority > 0 else neg_vals).to(out[key].dtype)
 
 
-def ties_merge(task_vectors: Sequence[SourceLike], k: float = 0.2, scope: str = "global") -> dict[str, torch.Tensor]:
-    """Trim, elect sign, disjoint mean; ``k`` is the fraction of entries each candidate keeps."""
+def check_ties_params(k: float, scope: str) -> None:
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not (0.0 < k <= 1.0):
         raise MergeInputError(f"k must be a fraction in (0, 1], got {k!r}")
     if scope not in ("global", "tensor"):
         raise MergeInputError(f"scope must be 'global' or 'tensor', got {scope!r}")
-    sources = open_sources(task_vectors)
+
+
+def ties_reducer(sources: Sequence[TensorSource], k: float = 0.2, scope: str = "global") -> TiesReduce:
+    """Validate ``k`` and ``scope``, take each candidate's cut over ``sources`` (one streaming pass) and
+    return the chunk reducer; after the merge pass, ``fix_zero_sums`` finishes the result. DARE
+    (baselines/dare.py) takes the cuts over its dropped candidates this way."""
+    check_ties_params(k, scope)
     keys = floating_keys_of(sources[0])
     if not keys:
         raise MergeInputError("task vectors have no floating-point tensors to merge")
@@ -105,7 +110,14 @@ def ties_merge(task_vectors: Sequence[SourceLike], k: float = 0.2, scope: str = 
             cuts = [dict.fromkeys(keys, cut) for cut in pool.map(lambda src: _cut(src, keys, k), sources)]
         else:
             cuts = list(pool.map(lambda src: {key: _cut(src, [key], k) for key in keys}, sources))
-    reduce = _TiesReduce(cuts)
+    return TiesReduce(cuts)
+
+
+def ties_merge(task_vectors: Sequence[SourceLike], k: float = 0.2, scope: str = "global") -> dict[str, torch.Tensor]:
+    """Trim, elect sign, disjoint mean; ``k`` is the fraction of entries each candidate keeps."""
+    check_ties_params(k, scope)  # before the inputs are opened
+    sources = open_sources(task_vectors)
+    reduce = ties_reducer(sources, k, scope)
     out = merge_elementwise(sources, reduce)
     reduce.fix_zero_sums(out)
     return out

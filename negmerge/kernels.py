@@ -314,3 +314,58 @@ def count_and_collect(values, lo, hi, inside):
                 inside[n_inside] = v
                 n_inside += (v >= lo) & (v < hi)
     return above, n_inside
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment (2^64 / golden ratio)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@_jit
+def splitmix64(state):
+    """Steele, Lea & Flood's SplitMix64 output function (uint64 wrap-around arithmetic)."""
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@_jit
+def drop_and_rescale(values, out, key, start, below, keep):
+    """DARE's drop (baselines/dare.py): element e = start + j of a tensor is dropped (+0.0) where the
+    top 53 bits of splitmix64(key + (e + 1) * golden) are < ``below``, else rescaled to x / keep.
+
+    The bits depend only on (key, e), never on where a chunk starts or which thread runs it.
+    Returns 0, 1 where an input is NaN/Inf, or 2 where a kept value overflowed when rescaled."""
+    zero = np.float32(0.0)
+    bad_in = False
+    bad_out = False
+    base = key + np.uint64(start) * _GOLDEN
+    for j in range(values.size):
+        bits = splitmix64(base + np.uint64(j + 1) * _GOLDEN)
+        x = values[j]
+        scaled = x / keep
+        kept = (bits >> np.uint64(11)) >= below
+        out[j] = scaled if kept else zero
+        bad_in |= (x - x) != zero
+        bad_out |= kept & ((scaled - scaled) != zero)
+    if bad_in:
+        return 1
+    return 2 if bad_out else 0
+
+
+@_jit
+def drop_and_rescale_all(addresses, out_addresses, n, keys, start, below, keep):
+    """``drop_and_rescale`` for each of the K chunks at ``addresses`` into the chunks at
+    ``out_addresses``, in one call. Returns (1, i) for the first candidate i with a NaN/Inf input, else
+    (2, i) for the first whose rescaling overflowed, else (0, -1)."""
+    overflowed = -1
+    for i in range(addresses.size):
+        status = drop_and_rescale(
+            _chunk(addresses, i, 0, n), _chunk(out_addresses, i, 0, n), keys[i], start, below, keep
+        )
+        if status == 1:
+            return 1, i
+        if status == 2 and overflowed < 0:
+            overflowed = i
+    return (2, overflowed) if overflowed >= 0 else (0, -1)

@@ -41,7 +41,7 @@ def _unanimous(tensors: list[torch.Tensor], where: Where) -> torch.Tensor:
     return where.out
 
 
-def _consensus_reduce(need: int, n_candidates: int):
+def consensus_reduce(need: int, n_candidates: int):
     if need == n_candidates:
         return _unanimous
 
@@ -64,7 +64,7 @@ def sign_consensus_merge(task_vectors: Sequence[SourceLike], threshold: float = 
     else:
         raise MergeInputError("task_vectors must be a list of state dicts or safetensors paths")
     need = required_votes(threshold, max(n, 1))
-    return merge_elementwise(task_vectors, _consensus_reduce(need, n))
+    return merge_elementwise(task_vectors, consensus_reduce(need, n))
 
 
 def consensus_rate(merged: Mapping[str, torch.Tensor]) -> float:

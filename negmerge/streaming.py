@@ -163,8 +163,9 @@ def merge_threads() -> int:
 
 
 @contextmanager
-def _one_thread_per_op() -> Iterator[None]:
-    """Chunks run side by side, each op on one core (no oversubscription by intra-op threads)."""
+def one_thread_per_op() -> Iterator[None]:
+    """Chunks (or Iso-C's SVDs) run side by side, each op on one core (no oversubscription by intra-op
+    threads)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -208,7 +209,7 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
         for task in tasks():
             run(task)
         return out
-    with _one_thread_per_op(), ThreadPoolExecutor(threads) as pool:
+    with one_thread_per_op(), ThreadPoolExecutor(threads) as pool:
         in_flight: deque[Future] = deque()
         try:
             for task in tasks():

@@ -227,7 +227,7 @@ def test_bf16_on_cpu_runs_the_reduced_suite_end_to_end(tiny_backbone, tmp_path, 
     assert main([*argv, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
     assert main([*argv, "--out", str(tmp_path / "fp32")]) == 0
     results = {p: pd.read_csv(tmp_path / p / "results.csv") for p in ("bf16", "fp32")}
-    methods = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"}
+    methods = {"zeroshot", "single_best", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
     assert set(results["bf16"].method) == methods
     lams = {p: r[r.split == "val"].groupby("method").lam.first() for p, r in results.items()}
     moved = lams["bf16"].compare(lams["fp32"])

@@ -1,6 +1,11 @@
 """Every merge's output, bit for bit, as the code gave it when these digests were written: a speed-up
 of the streaming engine or of a merge's arithmetic (threads, fused ops, a faster top-k cut) must not
-change a single bit. The pool has multi-chunk tensors, exact zeros, ties and a bfloat16 variant."""
+change a single bit. The pool has multi-chunk tensors, exact zeros, ties and a bfloat16 variant.
+
+These bits are the same on every CPU by construction: IEEE float32 additions, divisions and compares
+in a fixed order, compiled without fast-math (negmerge/kernels.py), and integer arithmetic. DARE's mask
+is that too (BLAKE2b keys, splitmix64 on uint64). Iso-C is not pinned: its SVD is LAPACK's, whose bits
+depend on the CPU and the BLAS build (tests/test_dare_iso_c.py compares it to numpy with a tolerance)."""
 
 from __future__ import annotations
 
@@ -47,6 +52,10 @@ CASES = {
     ("ties", "{'k': 0.5, 'scope': 'tensor'}", "float32"): "50a8274983a6a6d6",
     ("negmerge", "{}", "bfloat16"): "3ce9bc2ad88fa5f1",
     ("ties", "{}", "bfloat16"): "7582ed5c922a0916",
+    ("dare", "{}", "float32"): "331713a5f9724a1d",
+    ("dare", "{'p': 0.3, 'seed': 5, 'base': 'ties', 'base_params': {'k': 0.3}}", "float32"): "1528b44a47b9880e",
+    ("dare", "{'p': 0.2, 'base': 'negmerge', 'base_params': {'threshold': 0.6}}", "float32"): "d67f458a1f12fb72",
+    ("dare", "{'base': 'ties'}", "bfloat16"): "fb51a07261b11383",
 }
 # the same cases over an even pool (6 candidates), from the same code: kernels that take the
 # candidates two at a time end differently for an even and an odd K
@@ -59,6 +68,10 @@ EVEN_CASES = {
     ("ties", "{'k': 0.5, 'scope': 'tensor'}", "float32"): "b6320cf76e14ff53",
     ("negmerge", "{}", "bfloat16"): "bdb2955772fd15e5",
     ("ties", "{}", "bfloat16"): "b0474cb51d20961e",
+    ("dare", "{}", "float32"): "183b605ea95bdea7",
+    ("dare", "{'p': 0.3, 'seed': 5, 'base': 'ties', 'base_params': {'k': 0.3}}", "float32"): "a5b32d134bec04c1",
+    ("dare", "{'p': 0.2, 'base': 'negmerge', 'base_params': {'threshold': 0.6}}", "float32"): "22a745b1e872b607",
+    ("dare", "{'base': 'ties'}", "bfloat16"): "e9049fdb6e8d4bde",
 }
 
 

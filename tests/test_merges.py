@@ -216,5 +216,5 @@ def test_ties_k_outside_unit_interval(k):
 
 
 def test_unknown_merge_lists_known_ones():
-    with pytest.raises(MergeInputError, match="unknown merge 'negmerg'.*average, magmax, negmerge, ties"):
+    with pytest.raises(MergeInputError, match="unknown merge 'negmerg'.*average, dare, iso_c, magmax, negmerge, ties"):
         get_merge("negmerg")

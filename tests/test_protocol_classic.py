@@ -28,6 +28,8 @@ ALL_METHODS = {
     "average",
     "ties",
     "magmax",
+    "dare",
+    "iso_c",
     "negmerge",
 }
 

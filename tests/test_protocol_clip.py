@@ -20,7 +20,7 @@ from bench.cli import main
 from tests.faults import count, kill_at_stages, run_to_completion
 
 pytestmark = pytest.mark.integration
-ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"}
+ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
 
 
 @pytest.fixture(scope="module")
