@@ -158,17 +158,38 @@ def test_a_malformed_device_is_a_config_error(tmp_path, capsys):
 
 
 def test_classic_training_and_logits_in_bf16_on_cpu():
+    """Protocol B's training step and logits run their layers under bf16 autocast (seen by a hook on
+    every Linear/Conv layer), keep fp32 master weights, and so train another model than fp32 from the
+    same start, close to it."""
     from bench.classic_train import SgdParams, logits_of, train
     from bench.classifiers import build_classifier
     from bench.data.classic import load_classic
 
     data = load_classic("fashion-mnist", train_limit=256, test_limit=64, val_size=32, split_seed=0)
-    model = build_classifier("small-resnet", data.num_classes, data.in_channels, [8, 8, 8])
-    rt = resolve_runtime("cpu", "bf16")
-    train(model, data, data.train_x, data.train_y, SgdParams(epochs=1, batch_size=64), progress=False, runtime=rt)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
-    logits = logits_of(model, data, data.test_x, runtime=rt)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+    def trained(runtime) -> tuple[torch.nn.Module, torch.Tensor, set[torch.dtype], set[torch.dtype]]:
+        torch.manual_seed(0)
+        model = build_classifier("small-resnet", data.num_classes, data.in_channels, [8, 8, 8])
+        seen: set[torch.dtype] = set()
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for m in layers]
+        params = SgdParams(epochs=1, batch_size=64)
+        train(model, data, data.train_x, data.train_y, params, progress=False, runtime=runtime)
+        in_training = set(seen)
+        seen.clear()
+        logits = logits_of(model, data, data.test_x, runtime=runtime)
+        for hook in hooks:
+            hook.remove()
+        return model, logits, in_training, seen
+
+    bf16_model, bf16_logits, *bf16_seen = trained(resolve_runtime("cpu", "bf16"))
+    _, fp32_logits, *fp32_seen = trained(CPU)
+    assert bf16_seen == [{torch.bfloat16}] * 2 and fp32_seen == [{torch.float32}] * 2  # training, then logits
+    assert all(p.dtype == torch.float32 for p in bf16_model.parameters())  # master weights stay fp32
+    assert bf16_logits.dtype == torch.float32 and torch.isfinite(bf16_logits).all()
+    assert not torch.equal(bf16_logits, fp32_logits)
+    # bf16 rounding, not another model: 0.45% of the largest logit on this machine, 5% allowed
+    assert (bf16_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
 
 
 def test_plan_counts_the_paper_setting(capsys):
