@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from baselines import Method, Recipe, TrainingMethod, get_merge, get_method, register, unregister
+from baselines import MERGES, Method, Recipe, TrainingMethod, get_merge, get_method, register, unregister
 from baselines.training import FORGET, UnlearningSets
 from bench.cli import main
 from negmerge.sources import SourceLike
@@ -109,7 +109,15 @@ def test_toy_methods_run_through_the_classic_suite(toys, tmp_path, monkeypatch):
 
 
 def test_registered_merge_is_validated_and_callable(toys, capsys):
-    assert get_merge("toy_median")([{"w": torch.tensor([1.0, 5.0])}, {"w": torch.tensor([3.0, -1.0])}])
+    merge = get_merge("toy_median")
+    assert merge is median_merge and MERGES["toy_median"] is median_merge  # found by its registered name
+    pool = [
+        {"w": torch.tensor([1.0, 5.0, 2.0]), "b": torch.tensor([[0.5, -2.0]])},
+        {"w": torch.tensor([3.0, -1.0, 0.0]), "b": torch.tensor([[1.5, 4.0]])},
+        {"w": torch.tensor([2.0, 0.0, 7.0]), "b": torch.tensor([[-1.0, 1.0]])},
+    ]
+    merged = merge(pool, scale=2.0)  # element-wise medians (2, 0, 2) and (0.5, 1), doubled
+    assert merged["w"].tolist() == [4.0, 0.0, 4.0] and merged["b"].tolist() == [[1.0, 2.0]]
     assert get_method("toy_median").parameters() == ("scale",)
     assert main(["run", "mini-clip-tiny", "--out", "unused", "--set", "merge_params.toy_median={scale: -1}"]) == 2
     assert "toy_median: scale must be > 0, got -1" in capsys.readouterr().err
