@@ -13,6 +13,7 @@ import pytest
 from bench.cli import main
 from bench.metrics import GAP_METRICS as METRICS
 from bench.metrics import avg_gap
+from bench.sanity import HELD_OUT_SLACK
 from tests.faults import count, kill_at_stages, run_to_completion
 from tests.latex import assert_compiles
 
@@ -120,7 +121,8 @@ def test_forget_set_really_held_out(classic_run):
         index="method", columns="metric", values="value", aggfunc="mean"
     )
     retrain, original = test.loc["retrain"], test.loc["original"]
-    assert abs(retrain.forget_acc - retrain.test_acc) < 4.0
+    # the sanity check's own slack: 4.0 here sat 0.37 points above the committed reference's 3.63
+    assert abs(retrain.forget_acc - retrain.test_acc) <= HELD_OUT_SLACK
     assert abs(original.forget_acc - original.retain_acc) < 3.0
     assert original.forget_acc > retrain.forget_acc  # the held-out gap exists
     forget_sets = json.loads((classic_run / "forget_sets" / "seed0.json").read_text())
