@@ -562,7 +562,12 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSui
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(f"{_location(err['loc'])}: {err['msg']}" for err in exc.errors())
         raise BenchError(f"{path}: {problems}") from None
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """A field path as the user would type it; a key that is not printable text (a newline in a YAML
+    key) is quoted, so the error stays one line."""
+    parts = [p if not isinstance(p, str) or p.isprintable() else repr(p) for p in loc]
+    return ".".join(str(p) for p in parts) or "(top level)"

@@ -25,3 +25,35 @@ def assert_compiles(table_tex: str, workdir: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert (workdir / "doc.pdf").is_file()
+
+
+def body_rows(table_tex: str) -> dict[str, list[str]]:
+    """The table's body (between \\midrule and \\bottomrule): row label -> its cells, as written."""
+    body = table_tex.split("\\midrule", 1)[1].split("\\bottomrule", 1)[0]
+    rows = {}
+    for line in body.strip().splitlines():
+        label, *cells = (c.strip() for c in line.strip().removesuffix("\\\\").split("&"))
+        rows[label] = cells
+    return rows
+
+
+def bold_cells(table_tex: str) -> set[tuple[str, int]]:
+    """(row label, column index) of every cell set in bold."""
+    return {
+        (label, col)
+        for label, cells in body_rows(table_tex).items()
+        for col, cell in enumerate(cells)
+        if cell.startswith("\\textbf{")
+    }
+
+
+def assert_bold_is(table_tex: str, expected: dict[int, set[str]]) -> None:
+    """Exactly one bold cell in each column of ``expected``, in one of the rows given for it, and no
+    bold cell elsewhere."""
+    bold = bold_cells(table_tex)
+    for col, rows in expected.items():
+        in_col = {label for label, c in bold if c == col}
+        assert len(in_col) == 1 and in_col <= rows, (
+            f"column {col}: bold {sorted(in_col)}, expected one of {sorted(rows)}"
+        )
+    assert {c for _, c in bold} <= set(expected), f"bold outside the expected columns: {sorted(bold)}"

@@ -130,7 +130,11 @@ def test_compile_true_evaluates_the_compiled_encoder_and_follows_in_place_edits(
         compiled.load_edit(tau, coef)
         a, b = eager.logits(split, head), compiled.logits(split, head)
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-4)
-        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        # the same prediction wherever the top two logits are further apart than allclose allows them
+        # to move (a closer pair may swap on another CPU's kernels and still be within tolerance)
+        top2 = a.topk(2, dim=-1).values
+        clear = top2[:, 0] - top2[:, 1] > 2 * (1e-3 + 1e-4 * a.abs().max())
+        assert clear.float().mean() > 0.9 and torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
 
 
 def test_compile_on_a_cpu_is_refused_under_portable_numerics():
@@ -196,17 +200,38 @@ def test_a_malformed_device_is_a_config_error(tmp_path, capsys):
 
 
 def test_classic_training_and_logits_in_bf16_on_cpu():
+    """Protocol B's training step and logits run their layers under bf16 autocast (seen by a hook on
+    every Linear/Conv layer), keep fp32 master weights, and so train another model than fp32 from the
+    same start, close to it."""
     from bench.classic_train import SgdParams, logits_of, train
     from bench.classifiers import build_classifier
     from bench.data.classic import load_classic
 
     data = load_classic("fashion-mnist", train_limit=256, test_limit=64, val_size=32, split_seed=0)
-    model = build_classifier("small-resnet", data.num_classes, data.in_channels, [8, 8, 8])
-    rt = resolve_runtime("cpu", "bf16")
-    train(model, data, data.train_x, data.train_y, SgdParams(epochs=1, batch_size=64), progress=False, runtime=rt)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
-    logits = logits_of(model, data, data.test_x, runtime=rt)
-    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+    def trained(runtime) -> tuple[torch.nn.Module, torch.Tensor, set[torch.dtype], set[torch.dtype]]:
+        torch.manual_seed(0)
+        model = build_classifier("small-resnet", data.num_classes, data.in_channels, [8, 8, 8])
+        seen: set[torch.dtype] = set()
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype)) for m in layers]
+        params = SgdParams(epochs=1, batch_size=64)
+        train(model, data, data.train_x, data.train_y, params, progress=False, runtime=runtime)
+        in_training = set(seen)
+        seen.clear()
+        logits = logits_of(model, data, data.test_x, runtime=runtime)
+        for hook in hooks:
+            hook.remove()
+        return model, logits, in_training, seen
+
+    bf16_model, bf16_logits, *bf16_seen = trained(resolve_runtime("cpu", "bf16"))
+    _, fp32_logits, *fp32_seen = trained(CPU)
+    assert bf16_seen == [{torch.bfloat16}] * 2 and fp32_seen == [{torch.float32}] * 2  # training, then logits
+    assert all(p.dtype == torch.float32 for p in bf16_model.parameters())  # master weights stay fp32
+    assert bf16_logits.dtype == torch.float32 and torch.isfinite(bf16_logits).all()
+    assert not torch.equal(bf16_logits, fp32_logits)
+    # bf16 rounding, not another model: 0.45% of the largest logit on this machine, 5% allowed
+    assert (bf16_logits - fp32_logits).abs().max() < 0.05 * fp32_logits.abs().max()
 
 
 def test_plan_counts_the_paper_setting(capsys):
@@ -219,19 +244,61 @@ def test_plan_counts_the_paper_setting(capsys):
 
 @pytest.mark.integration
 def test_bf16_on_cpu_runs_the_reduced_suite_end_to_end(tiny_backbone, tmp_path, monkeypatch):
-    """Same pretrained backbone, fine-tuning and evaluation in bf16: every method row, selections recorded."""
+    """The same pretrained backbone; fine-tuning and evaluation in bf16 beside fp32. What holds on any
+    CPU: the bf16 run records its precision and makes its own fine-tunes (precision is in the pool keys),
+    reports every method fp32 does, its selections keep the floor against its own zero-shot, and its
+    numbers moved (autocast reached the forward passes) while zero-shot stayed near fp32's. Which
+    lambdas bf16 selects differs between CPUs (and may from fp32's): printed, not asserted."""
+    import json
+
+    from tests.results_shape import assert_reported
+
     cache = tmp_path / "cache"
     shutil.copytree(tiny_backbone.parent, cache / "backbones")
     monkeypatch.setenv("NEGMERGE_CACHE", str(cache))
     argv = ["run", "mini-clip-tiny", "--no-report", "--set", f"backbone.pretrained={tiny_backbone}", *QUICK]
     assert main([*argv, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
     assert main([*argv, "--out", str(tmp_path / "fp32")]) == 0
-    results = {p: pd.read_csv(tmp_path / p / "results.csv") for p in ("bf16", "fp32")}
+    runs = ("bf16", "fp32")
+    results = {p: pd.read_csv(tmp_path / p / "results.csv") for p in runs}
+    manifests = {p: json.loads((tmp_path / p / "manifest.json").read_text()) for p in runs}
+    curves = {p: pd.read_csv(tmp_path / p / "curves.csv") for p in runs}
+    assert {p: m["runtime"]["precision"] for p, m in manifests.items()} == {"bf16": "bf16", "fp32": "fp32"}
+    pools = {p: {e["key"] for e in m["pool"]} for p, m in manifests.items()}
+    assert len(pools["bf16"]) == 5 and not pools["bf16"] & pools["fp32"]  # 4 candidates and GA, each made twice
+    assert not any(e["cached"] for e in manifests["fp32"]["pool"])
+
     methods = {"zeroshot", "single_best", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
-    assert set(results["bf16"].method) == methods
+    assert set(results["bf16"].method) == set(results["fp32"].method) == methods
+    for method in methods:  # its results, or (GA's setting may miss the floor in bf16) its row saying so
+        assert_reported(results["bf16"], manifests["bf16"], method, 0, {"forget_acc", "control_acc", "mia_efficacy"})
+    val = results["bf16"][results["bf16"].split == "val"].pivot_table(index="method", columns="metric", values="value")
+    floor = manifests["bf16"]["config"]["selection"]["floor"]
+    selected = val.control_acc.dropna()
+    assert (selected >= floor * selected["zeroshot"] - 1e-9).all()  # the rule, in bf16's own terms
+
+    points = curves["bf16"].merge(curves["fp32"], on=["dataset", "seed", "method", "lam"], suffixes=("", "_fp32"))
+    assert len(points) == len(curves["fp32"]) == len(curves["bf16"])
+    moved = (
+        (points.forget_val - points.forget_val_fp32).abs().max(),
+        (points.control_val - points.control_val_fp32).abs().max(),
+    )
+    assert max(moved) > 0  # some prediction of the ~60 lambda points x 300 images flipped under bf16
+
+    def zero_shot(p: str) -> pd.Series:
+        r = results[p]
+        return (
+            r[(r.method == "zeroshot") & r.metric.isin(["forget_acc", "control_acc"])]
+            .set_index(["split", "metric"])
+            .value
+        )
+
+    drift = (zero_shot("bf16") - zero_shot("fp32")).abs().max()
+    assert drift <= 5.0  # bf16 rounding of the same encoder (1.7 points measured on another CPU), not a broken forward
     lams = {p: r[r.split == "val"].groupby("method").lam.first() for p, r in results.items()}
-    moved = lams["bf16"].compare(lams["fp32"])
-    print(f"\nbf16 vs fp32 selected lambdas that differ:\n{moved if not moved.empty else 'none'}")
+    changed = lams["bf16"].compare(lams["fp32"])
+    print(f"\nbf16 vs fp32: curves move up to {max(moved):.2f} points, zero-shot {drift:.2f}; lambdas that differ:")
+    print(changed if not changed.empty else "none")
 
 
 def test_deterministic_kernels_are_the_default_and_can_be_turned_off():

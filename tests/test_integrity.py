@@ -124,3 +124,77 @@ def test_a_really_full_disk_stops_the_run_cleanly_and_the_rerun_resumes(tiny_bac
     assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "resumed"), *QUICK]) == 0
     manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
     assert {f"{p['key']}.safetensors" for p in manifest["pool"] if p["cached"]} == kept  # nothing redone
+
+
+def _one_entry(root):
+    """A pool with one entry, and the list its maker appends to each time it runs."""
+    import torch
+
+    from bench.pool import CandidatePool
+
+    pool, made = CandidatePool(root, version="test"), []
+    spec = {"candidate": 1}
+
+    def make():
+        made.append(1)
+        return {"w": torch.arange(6.0)}
+
+    entry = pool.get_or_create(spec, make)
+    return pool, spec, make, entry, made
+
+
+def _other_tensors(path) -> None:
+    """Another valid safetensors file in its place (another entry's file copied over it)."""
+    import torch
+
+    from negmerge import save_state
+
+    save_state({"w": torch.arange(9.0)}, path)
+
+
+def _other_metadata(path) -> None:
+    """The same tensors with other metadata: a longer header, still valid."""
+    from safetensors.torch import load_file
+
+    from negmerge import save_state
+
+    save_state(load_file(path), path, metadata={"key": "x" * 40})
+
+
+@pytest.mark.parametrize("damage", [_other_tensors, _other_metadata])
+def test_a_valid_tensor_file_of_another_size_is_set_aside_on_read(tmp_path, damage):
+    """A readable safetensors file whose size differs from the size its record holds: only the size
+    check sees it (the header is valid). The next read quarantines the entry and recomputes it, and
+    `cache verify` names the size."""
+    from bench.integrity import verify_cache
+
+    pool, spec, make, entry, made = _one_entry(tmp_path / "pool")
+    recorded = json.loads(entry.path.with_suffix(".json").read_text())["size"]
+    damage(entry.path)
+    assert entry.path.stat().st_size != recorded
+    checked, problems = verify_cache(tmp_path)
+    assert checked == 1 and [p["problem"] for p in problems] == [
+        f"{entry.path.name} has {entry.path.stat().st_size} bytes, its record says {recorded}"
+    ]
+    with pytest.warns(UserWarning, match=f"{entry.key}.*is damaged.*its record says {recorded}"):
+        again = pool.get_or_create(spec, make)
+    assert made == [1, 1] and not again.cached  # recomputed, not trusted
+    assert len(list((tmp_path / "quarantine" / "pool").iterdir())) == 2  # its record and its tensor file
+    assert verify_cache(tmp_path) == (1, [])
+
+
+def test_a_same_size_change_is_found_by_its_content_hash(tmp_path):
+    """One flipped byte of tensor data keeps the size and the header: a read trusts it (the cheap
+    checks), `cache verify` finds it by the recorded sha256 and `--repair` sets it aside."""
+    from bench.integrity import verify_cache
+
+    pool, spec, make, entry, made = _one_entry(tmp_path / "pool")
+    data = bytearray(entry.path.read_bytes())
+    data[-1] ^= 0x01
+    entry.path.write_bytes(bytes(data))
+    assert pool.get_or_create(spec, make).cached and made == [1]  # a read checks size and header only
+    _, problems = verify_cache(tmp_path)
+    assert [p["problem"] for p in problems] == [f"{entry.path.name}'s content hash differs from its record"]
+    verify_cache(tmp_path, repair=True)
+    assert not entry.path.exists() and len(list((tmp_path / "quarantine" / "pool").iterdir())) == 2
+    assert not pool.get_or_create(spec, make).cached and made == [1, 1]

@@ -13,6 +13,7 @@ import pytest
 from bench.cli import main
 from bench.metrics import GAP_METRICS as METRICS
 from bench.metrics import avg_gap
+from bench.sanity import HELD_OUT_SLACK
 from tests.faults import count, kill_at_stages, run_to_completion
 from tests.latex import assert_compiles
 
@@ -50,15 +51,46 @@ def classic_run(tmp_path_factory, module_env):
     return out
 
 
+def _table_label(method: str, feasible_seeds: int, seeds: int) -> str:
+    from bench.report import display
+
+    if feasible_seeds == 0:
+        return f"{display(method)} (no feasible setting)"
+    return display(method) + (f" ({feasible_seeds}/{seeds} seeds)" if feasible_seeds < seeds else "")
+
+
 @pytest.mark.integration
 def test_every_method_with_mean_and_std_over_seeds(classic_run):
+    """Every method has a result for every seed: its test metrics, or, where no setting kept the
+    floor on that seed's Val (which setting does can differ between CPUs: RL on seed 1 on another
+    machine), a Val row marked infeasible, with the reason in the manifest and its notes. The table
+    keeps every method, marks means over fewer seeds, and bolds the closest to Retrain."""
+    from tests.latex import assert_bold_is, body_rows
+    from tests.results_shape import assert_reported
+
     results = pd.read_csv(classic_run / "results.csv")
-    test = results[results.split == "test"]
-    assert set(test.method) == ALL_METHODS
-    per_seed = test[test.metric == "avg_gap"].groupby("method").seed.nunique()
-    assert (per_seed == 2).all()  # the reduced suite runs 2 seeds; every method reports each
+    manifest = json.loads((classic_run / "manifest.json").read_text())
+    seeds = manifest["config"]["seeds"]
+    assert seeds == [0, 1] and set(results.method) == ALL_METHODS
+    feasible = {m: 0 for m in ALL_METHODS}
+    for method in sorted(ALL_METHODS):
+        for seed in seeds:
+            feasible[method] += assert_reported(results, manifest, method, seed, {*METRICS, "avg_gap"})
+    assert feasible["original"] == feasible["retrain"] == len(seeds)  # references are never infeasible
+
     table = (classic_run / "report" / "table.tex").read_text()
-    assert r"$\pm$" in table and r"\toprule" in table and r"\textbf{" in table
+    assert r"$\pm$" in table and r"\toprule" in table
+    labels = {m: _table_label(m, n, len(seeds)) for m, n in feasible.items()}
+    assert set(body_rows(table)) == set(labels.values())
+    # the bold cell of each column: the closest to Retrain (Avg. Gap: the lowest), from results.csv here
+    test = results[results.split == "test"]
+    mean = test.groupby(["method", "metric"]).value.mean().unstack()
+    rivals = mean.drop(["original", "retrain"])
+    expected = {}
+    for col, metric in enumerate(["retain_acc", "forget_acc", "test_acc", "mia_efficacy", "avg_gap"]):
+        closeness = rivals[metric] if metric == "avg_gap" else (rivals[metric] - mean.loc["retrain", metric]).abs()
+        expected[col] = {labels[m] for m in closeness.index[closeness <= closeness.min() + 1e-9]}
+    assert_bold_is(table, expected)
 
 
 @pytest.mark.integration
@@ -91,7 +123,8 @@ def test_forget_set_really_held_out(classic_run):
         index="method", columns="metric", values="value", aggfunc="mean"
     )
     retrain, original = test.loc["retrain"], test.loc["original"]
-    assert abs(retrain.forget_acc - retrain.test_acc) < 4.0
+    # the sanity check's own slack: 4.0 here sat 0.37 points above the committed reference's 3.63
+    assert abs(retrain.forget_acc - retrain.test_acc) <= HELD_OUT_SLACK
     assert abs(original.forget_acc - original.retain_acc) < 3.0
     assert original.forget_acc > retrain.forget_acc  # the held-out gap exists
     forget_sets = json.loads((classic_run / "forget_sets" / "seed0.json").read_text())

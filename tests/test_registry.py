@@ -4,6 +4,7 @@ results, tables, figures and regress; the registry refuses what it cannot run.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import pandas as pd
 import pytest
 import torch
 
-from baselines import Method, Recipe, TrainingMethod, get_merge, get_method, register, unregister
+from baselines import MERGES, Method, Recipe, TrainingMethod, get_merge, get_method, register, unregister
 from baselines.training import FORGET, UnlearningSets
 from bench.cli import main
 from negmerge.sources import SourceLike
 from negmerge.streaming import Where, merge_elementwise
+from tests.results_shape import assert_reported
 
 pytestmark = pytest.mark.integration
 
@@ -65,12 +67,15 @@ def _run(suite: str, out: Path, overrides: list[str]) -> None:
     assert main(["run", suite, "--out", str(out), *(a for o in overrides for a in ("--set", o))]) == 0
 
 
-def _check_run(out: Path, rows: set[str]) -> None:
+def _check_run(out: Path, rows: set[str], metrics: set[str]) -> None:
+    """Every method has its results (or, where its selection found nothing feasible on this machine,
+    a row saying so), and the report and regress show the toys."""
     results = pd.read_csv(out / "results.csv")
-    test = results[results.split == "test"]
-    assert rows <= set(test.method), set(test.method)
-    for toy in ("toy_median", "toy_ascent"):
-        assert test[test.method == toy].value.notna().any(), toy
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert rows == set(results.method), set(results.method)
+    for method in rows:
+        for seed in manifest["config"]["seeds"]:
+            assert_reported(results, manifest, method, seed, metrics)
     report = out / "report"
     table = (report / "table.tex").read_text()
     assert "Median merge" in table and "Toy ascent" in table
@@ -88,7 +93,9 @@ def test_toy_methods_run_through_the_clip_suite(toys, clip_cache, tmp_path, monk
         "merge_params.toy_median={scale: 1.0}",
     ]
     _run("mini-clip-tiny", out, overrides)
-    _check_run(out, {"zeroshot", "ga", "toy_ascent", "single_best", "negmerge", "toy_median"})
+    _check_run(
+        out, {"zeroshot", "ga", "toy_ascent", "single_best", "negmerge", "toy_median"}, {"forget_acc", "control_acc"}
+    )
     curves = pd.read_csv(out / "curves.csv")
     assert "toy_median" in set(curves.method)  # swept over lambda like any merge
 
@@ -103,13 +110,20 @@ def test_toy_methods_run_through_the_classic_suite(toys, tmp_path, monkeypatch):
         "pool.grid={epochs: [1, 2]}",
     ]
     _run("mini-classic-tiny", out, overrides)
-    _check_run(out, {"original", "retrain", "ga", "toy_ascent", "negmerge", "toy_median"})
-    results = pd.read_csv(out / "results.csv")
-    assert results[(results.method == "toy_median") & (results.metric == "avg_gap")].value.notna().all()
+    metrics = {"retain_acc", "forget_acc", "test_acc", "mia_efficacy", "avg_gap"}
+    _check_run(out, {"original", "retrain", "ga", "toy_ascent", "negmerge", "toy_median"}, metrics)
 
 
 def test_registered_merge_is_validated_and_callable(toys, capsys):
-    assert get_merge("toy_median")([{"w": torch.tensor([1.0, 5.0])}, {"w": torch.tensor([3.0, -1.0])}])
+    merge = get_merge("toy_median")
+    assert merge is median_merge and MERGES["toy_median"] is median_merge  # found by its registered name
+    pool = [
+        {"w": torch.tensor([1.0, 5.0, 2.0]), "b": torch.tensor([[0.5, -2.0]])},
+        {"w": torch.tensor([3.0, -1.0, 0.0]), "b": torch.tensor([[1.5, 4.0]])},
+        {"w": torch.tensor([2.0, 0.0, 7.0]), "b": torch.tensor([[-1.0, 1.0]])},
+    ]
+    merged = merge(pool, scale=2.0)  # element-wise medians (2, 0, 2) and (0.5, 1), doubled
+    assert merged["w"].tolist() == [4.0, 0.0, 4.0] and merged["b"].tolist() == [[1.0, 2.0]]
     assert get_method("toy_median").parameters() == ("scale",)
     assert main(["run", "mini-clip-tiny", "--out", "unused", "--set", "merge_params.toy_median={scale: -1}"]) == 2
     assert "toy_median: scale must be > 0, got -1" in capsys.readouterr().err

@@ -10,8 +10,9 @@ import pandas as pd
 
 from bench.cli import main
 from bench.regress import compare, is_regression
+from bench.report import display, kind
 from bench.results import RESULT_COLUMNS
-from tests.latex import assert_compiles
+from tests.latex import assert_bold_is, assert_compiles, body_rows, bold_cells
 
 METHODS = ["zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"]
 
@@ -100,6 +101,28 @@ def synthetic_run(root: Path, seeds=(0, 1, 2), shift: dict | None = None) -> Pat
     return root
 
 
+def expected_clip_bold(results: pd.DataFrame) -> dict[int, set[str]]:
+    """Protocol A's bold cells by their definition: per dataset and on the average over datasets, the
+    lowest forget and the highest control test accuracy among the methods (references excluded), in
+    the table's column order (datasets sorted, then Avg.; forget before control). Column -> the rows
+    that may be bold there (more than one only where the best value is tied)."""
+    test = results[results.split == "test"]
+    means = test.groupby(["method", "dataset", "metric"]).value.mean().unstack(["dataset", "metric"])
+    datasets = sorted(test.dataset.unique())
+    rivals = [m for m in means.index if kind(m) != "reference"]
+    expected = {}
+    for col, (dataset, metric) in enumerate((d, m) for d in [*datasets, "Avg."] for m in ("forget_acc", "control_acc")):
+        values = (
+            means.xs(metric, axis=1, level="metric")[datasets].mean(axis=1)
+            if dataset == "Avg."
+            else means[(dataset, metric)]
+        )
+        values = values[rivals]
+        best = values.min() if metric == "forget_acc" else values.max()
+        expected[col] = {display(m) for m in values.index[values == best]}
+    return expected
+
+
 def test_report_writes_tables_figures_and_summary(tmp_path):
     run = synthetic_run(tmp_path / "run")
     assert main(["report", str(run)]) == 0
@@ -108,10 +131,11 @@ def test_report_writes_tables_figures_and_summary(tmp_path):
         assert (out / f"{stem}.png").stat().st_size > 10_000 and (out / f"{stem}.pdf").is_file(), stem
     tex = (out / "table.tex").read_text()
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
-    assert r"\caption{" in tex and r"\label{tab:syn}" in tex and r"\textbf{" in tex
+    assert r"\caption{" in tex and r"\label{tab:syn}" in tex
+    # the bold cells are the best method per column, worked out here from results.csv alone
+    assert_bold_is(tex, expected_clip_bold(pd.read_csv(run / "results.csv")))
     # zero-shot has the best control accuracy here (80 vs <= 79.5), so only the rule keeps it from bold
-    zero_shot_row = next(line for line in tex.splitlines() if line.lstrip().startswith("Zero-shot"))
-    assert r"\textbf" not in zero_shot_row
+    assert not {cell for cell in bold_cells(tex) if cell[0] == "Zero-shot"}
     summary = (out / "summary.md").read_text()
     assert "| NegMerge" in summary and "grid's edge" in summary
 
@@ -235,3 +259,75 @@ def test_protocol_b_sanity_names_what_does_not_measure_unlearning():
     assert len(problems) == 4
     assert "does not memorise" in problems[0] and "only -4.00 points above" in problems[1]
     assert "not that of held-out data" in problems[2] and "does not see Df" in problems[3]
+
+
+def _rows(values: dict[str, dict[tuple[str, str], float]], seeds=(0,)) -> pd.DataFrame:
+    """results.csv rows (test split) from method -> {(dataset, metric): value}, the same in every seed."""
+    rows = []
+    for seed in seeds:
+        for method, cells in values.items():
+            for (dataset, metric), value in cells.items():
+                common = dict(suite="syn", backbone="b", dataset=dataset, method=method, seed=seed, split="test")
+                common.update(metric=metric, value=value, lam=0.5, feasible=True, at_grid_edge=False, floor=0.95)
+                rows.append({**common, "selection_rule": "floor"})
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def test_clip_table_bolds_the_best_method_of_each_column():
+    """Constructed so that each column has a different best method, never the first or last row,
+    and zero-shot (a reference, never bold) holds the best control accuracy everywhere: the lowest
+    forget and highest control accuracy per dataset and on the Avg. are bold, nothing else."""
+    from bench.report import clip_latex, clip_table
+
+    #            (forget A, control A, forget B, control B); Avg.: forget, control
+    table = {
+        "zeroshot": (50, 90, 45, 91),
+        "single_best": (30, 80, 20, 75),  # 25.0, 77.5
+        "average": (25, 84, 22, 88),  # 23.5, 86.0: best Avg. control
+        "ties": (40, 86, 10, 70),  # best control A, best forget B; 25.0, 78.0
+        "negmerge": (12, 70, 28, 80),  # best forget A; 20.0 best Avg. forget
+        "ga": (60, 60, 55, 65),  # the worst everywhere
+    }
+    names = [("A", "forget_acc"), ("A", "control_acc"), ("B", "forget_acc"), ("B", "control_acc")]
+    results = _rows({m: dict(zip(names, v)) for m, v in table.items()})
+    manifest = {
+        "config": {"name": "syn", "backbone": {"name": "b"}, "control": "c", "selection": {"floor": 0.95}, "seeds": [0]}
+    }
+    tex = clip_latex(clip_table(results), manifest)
+    expected = {0: "negmerge", 1: "ties", 2: "ties", 3: "average", 4: "negmerge", 5: "average"}
+    assert bold_cells(tex) == {(display(m), col) for col, m in expected.items()}
+    assert body_rows(tex)[display("negmerge")][4] == r"\textbf{20.00}"  # the Avg. of the two datasets
+
+
+def test_classic_table_bolds_the_method_closest_to_retrain():
+    """Constructed: per metric the closest to Retrain (|method - Retrain|, from below as well as from
+    above) and the lowest Avg. Gap are bold. The Original equals Retrain on Dr but is a reference,
+    GA sits far below Retrain on Df (the lowest value, not the closest) and each column's best is a
+    different method from its lowest and highest values."""
+    from bench.report import classic_latex, classic_table
+
+    metrics = ("retain_acc", "forget_acc", "test_acc", "mia_efficacy", "avg_gap")
+    table = {
+        "original": (98.0, 100.0, 81.0, 2.0, 10.0),
+        "retrain": (98.0, 85.0, 80.0, 20.0, 0.0),
+        "ft": (97.5, 95.0, 79.0, 12.0, 4.0),  # closest on Dr (0.5 below)
+        "ga": (99.2, 70.0, 60.0, 20.3, 9.0),  # closest on MIA (0.3 above)
+        "average": (85.0, 84.0, 75.0, 18.0, 3.0),  # closest on Df (1.0 below), lowest gap
+        "negmerge": (90.0, 86.5, 80.4, 17.0, 3.5),  # closest on Dtest (0.4 above)
+    }
+    results = _rows({m: {("fm", k): v for k, v in zip(metrics, values)} for m, values in table.items()})
+    mean, std, seeds = classic_table(results)
+    manifest = {
+        "config": {
+            "name": "syn",
+            "seeds": [0],
+            "forget": {"fraction": 0.1},
+            "dataset": "fm",
+            "model": {"name": "r"},
+            "selection": {"rule": "floor", "floor": 0.95},
+            "bn": "keep",
+        }
+    }
+    tex = classic_latex(mean, std, seeds, manifest)
+    expected = {0: "ft", 1: "average", 2: "negmerge", 3: "ga", 4: "average"}
+    assert bold_cells(tex) == {(display(m), col) for col, m in expected.items()}

@@ -53,20 +53,46 @@ def test_mia_efficacy_hand_case():
 
 
 def test_mia_balances_member_and_nonmember_counts():
-    """Overlapping members (many) and non-members (few): unbalanced, the SVC calls everything a member;
-    balanced, it learns the boundary and calls the non-member-like targets non-members."""
+    """Overlapping members (many) and non-members (few): unbalanced, the SVC would call everything a
+    member; balanced, it learns the boundary and calls the non-member-like targets non-members."""
     g = torch.Generator().manual_seed(0)
     members = (0.6 + 0.15 * torch.randn(2000, generator=g)).clamp(0, 1)
     nonmembers = (0.4 + 0.15 * torch.randn(40, generator=g)).clamp(0, 1)
     targets = torch.full((20,), 0.3)
-    balanced = mia_efficacy(members, nonmembers, targets, max_per_class=2000)
-    assert balanced == pytest.approx(100.0)
-    from sklearn.svm import SVC
+    assert mia_efficacy(members, nonmembers, targets, max_per_class=2000) == pytest.approx(100.0)
 
-    x = torch.cat([members, nonmembers]).numpy().reshape(-1, 1)
-    y = [1] * len(members) + [0] * len(nonmembers)
-    unbalanced = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y).predict(targets.numpy().reshape(-1, 1))
-    assert (unbalanced == 1).all()  # what balancing prevents
+
+def test_mia_attacker_trains_on_equal_random_draws_of_both_classes(monkeypatch):
+    """What the SVC is fitted on: as many members as non-members (the smaller class, or
+    ``max_per_class``), each a seeded random draw from its own class, never the first rows."""
+    import numpy as np
+    import sklearn.svm
+
+    fitted = []
+
+    class Recorded(sklearn.svm.SVC):
+        def fit(self, x, y, sample_weight=None):
+            fitted.append((x.ravel().copy(), y.copy()))
+            return super().fit(x, y, sample_weight)
+
+    monkeypatch.setattr(sklearn.svm, "SVC", Recorded)
+    members, nonmembers = torch.linspace(0.5, 1.0, 300), torch.linspace(0.0, 0.4, 40)
+    targets = torch.tensor([0.1, 0.9])
+
+    def draw(**kwargs) -> tuple[np.ndarray, np.ndarray]:
+        assert mia_efficacy(members, nonmembers, targets, **kwargs) == pytest.approx(50.0)
+        x, y = fitted.pop()
+        return x[y == 1], x[y == 0]
+
+    m, n = draw(max_per_class=2000)
+    assert len(m) == len(n) == 40  # the smaller class's size
+    assert np.isin(m, members.numpy()).all() and sorted(n) == sorted(nonmembers.numpy())
+    assert len(set(m.tolist())) == 40 and m.max() > members[39]  # distinct members, not the first 40
+    m10, n10 = draw(max_per_class=10)
+    assert len(m10) == len(n10) == 10 and np.isin(n10, nonmembers.numpy()).all()
+    again, _ = draw(max_per_class=10)
+    other, _ = draw(max_per_class=10, seed=1)
+    assert np.array_equal(again, m10) and not np.array_equal(other, m10)  # seeded
 
 
 def test_loss_attack_auc_definition():
