@@ -123,6 +123,10 @@ def submit_units(
     if opts.units_per_job < 1:
         raise BenchError(f"--units-per-job must be >= 1, got {opts.units_per_job}")
     write_plan(out, suite, overrides, phases)
+    if opts.executor == "slurm":
+        from bench.slurm_queue import install
+
+        install()  # one line, not a warning per poll, where sacct cannot answer; squeue instead
     executor = submitit.AutoExecutor(folder=str(Path(out) / "cluster-logs" / "%j"), cluster=opts.executor)
     base: dict[str, Any] = {
         "name": f"negmerge-{Path(suite).stem}",
@@ -157,8 +161,20 @@ def submit_units(
 
 
 def _wait(jobs: list[Any]) -> None:
+    """Wait for every job; then one error naming the jobs that failed or were killed (their units are
+    resumable: a rerun of the same command finds all that finished in the cache)."""
+    failed = []
     for job in jobs:
-        job.result()  # raises with the job's traceback if it failed
+        try:
+            job.result()
+        except Exception as exc:  # the job's traceback, or "has not produced any output" (killed)
+            failed.append((job.job_id, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+    if failed:
+        first_id, first_error = failed[0]
+        raise BenchError(
+            f"{len(failed)} of {len(jobs)} jobs failed or were killed (job {first_id}: {first_error}); "
+            "`negmerge-bench status RUN_DIR` names each unit and its log; rerun the same command to resume from the cache"
+        )
 
 
 # -- status --------------------------------------------------------------------------------------------
