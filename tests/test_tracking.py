@@ -196,3 +196,10 @@ def test_track_without_a_tracker_is_one_error_line(tmp_path, capsys):
     shutil.copytree(REPO / "results" / "mini-classic-tiny", run)
     assert main(["track", str(run)]) == 2
     assert "its config names no tracker; give --track" in capsys.readouterr().err
+
+
+def test_an_unknown_tracker_is_one_error_line_before_any_work(tmp_path, capsys):
+    assert main(["run", "mini-clip-tiny", "--out", str(tmp_path / "run"), "--set", "tracking=[neptune]"]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.0: Input should be 'wandb', 'mlflow' or 'tensorboard'" in err
+    assert not (tmp_path / "run").exists()

@@ -39,7 +39,7 @@ class MlflowTracker(Tracker):
 
         for noisy in ("mlflow", "alembic"):  # table creation and migrations log at INFO
             logging.getLogger(noisy).setLevel(logging.WARNING)
-        local = not self.settings.uri
+        local = not self.uri.startswith(("http://", "https://", "databricks"))  # artifacts beside the store
         if local:
             self.settings.store.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self.uri)
