@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.cluster import EXECUTORS
 from bench.errors import BenchError
+from bench.tracking import TRACKERS
 
 
 def cache_dir() -> Path:
@@ -28,6 +29,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out: {out} is a file; give a folder for the run's outputs")
+    trackers = _start_trackers(cfg, out)
     if args.executor and not _run_on_cluster(args, cfg, out):
         return 0  # submitted with --no-wait
     print(f"[negmerge-bench] suite {cfg.name} -> {out} (cache {cache_dir()})", file=sys.stderr)
@@ -41,7 +43,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         for note in rec.notes:
             print(f"note: {note}")
+    _log_to_trackers(trackers, out)
     return 0
+
+
+def _start_trackers(cfg, out: Path) -> list:
+    """The suite's trackers that can log (one warning line for each that cannot); checked at start-up."""
+    if not cfg.tracking:
+        return []
+    from bench.tracking import settings_for, start_trackers
+
+    return start_trackers(cfg.tracking, settings_for(cfg, out))
+
+
+def _log_to_trackers(trackers: list, out: Path) -> None:
+    """Once, from the finished run's files (a cluster run: from its assembly, here)."""
+    from bench.tracking import log_run
+
+    for where in log_run(trackers, out):
+        print(f"[negmerge-bench] tracked: {where}", file=sys.stderr)
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    """Log a finished run folder to trackers (again): its config's tracking fields, or the flags."""
+    import json
+
+    from bench.config import TrackingFields
+
+    run_dir = Path(args.run_dir)
+    manifest = run_dir / "manifest.json"
+    if not manifest.is_file():
+        raise BenchError(f"{run_dir}: no manifest.json; `track` logs a finished run folder")
+    saved = json.loads(manifest.read_text()).get("config", {})
+    fields = {k: saved[k] for k in TrackingFields.model_fields if k in saved}
+    if args.track:
+        fields["tracking"] = args.track
+    for flag in ("tracking_dir", "tracking_uri", "tracking_project"):
+        if getattr(args, flag):
+            fields[flag] = getattr(args, flag)
+    cfg = TrackingFields.model_validate(fields)
+    if not cfg.tracking:
+        raise BenchError(f"{run_dir}: its config names no tracker; give --track wandb|mlflow|tensorboard")
+    trackers = _start_trackers(cfg, run_dir)
+    _log_to_trackers(trackers, run_dir)
+    return 0 if len(trackers) == len(set(cfg.tracking)) else 1
 
 
 def _runtime_overrides(args: argparse.Namespace) -> list[str]:
@@ -49,6 +94,7 @@ def _runtime_overrides(args: argparse.Namespace) -> list[str]:
     extra = [f"device={args.device}"] if getattr(args, "device", None) else []
     extra += [f"precision={args.precision}"] if getattr(args, "precision", None) else []
     extra += [f"jobs={args.jobs}"] if getattr(args, "jobs", None) else []
+    extra += [f"tracking=[{','.join(args.track)}]"] if getattr(args, "track", None) else []
     args.set = [*args.set, *extra]  # cluster jobs get the same overrides
     return args.set
 
@@ -178,8 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     run.add_argument("--no-report", action="store_true", help="skip writing DIR/report (tables, figures)")
     _runtime_flags(run)
+    run.add_argument(
+        "--track",
+        action="append",
+        choices=TRACKERS,
+        metavar="NAME",
+        help="log the finished run to wandb (offline), mlflow or tensorboard (repeatable; replaces the suite's "
+        "`tracking` list); stores in `tracking/` beside the run folder unless --set tracking_dir=/tracking_uri=",
+    )
     cluster = run.add_argument_group("cluster (submitit): one job per work unit, then assembly from the shared cache")
-    cluster.add_argument("--executor", choices=EXECUTORS, help="submit per-seed jobs")
+    cluster.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="run the suite's work units (fine-tunes, trained models, sweeps; `status SUITE` lists them) as jobs: "
+        "slurm (job arrays, one per phase), local (subprocesses here) or debug (in this process)",
+    )
     cluster.add_argument("--partition", help="SLURM partition")
     cluster.add_argument("--timeout-min", type=int, default=240, help="per-job time limit (default 240)")
     cluster.add_argument(
@@ -191,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--units-per-job", type=int, default=1, help="pack several small units into one job")
     cluster.add_argument("--no-wait", action="store_true", help="submit and return (SLURM); assemble later")
     run.set_defaults(fn=cmd_run)
+    tr = sub.add_parser("track", help="log a finished run folder to experiment trackers (wandb, mlflow, tensorboard)")
+    tr.add_argument("run_dir")
+    tr.add_argument("--track", action="append", choices=TRACKERS, metavar="NAME", help="tracker (repeatable)")
+    tr.add_argument("--tracking-dir", help="local stores (default: tracking/ beside the run folder)")
+    tr.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the tracking dir)")
+    tr.add_argument("--tracking-project", help="W&B project and MLflow experiment")
+    tr.set_defaults(fn=cmd_track)
     rep = sub.add_parser("report", help="LaTeX tables, figures and a summary from a run's files")
     rep.add_argument("run_dir")
     rep.set_defaults(fn=cmd_report)

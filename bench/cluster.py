@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,8 +136,24 @@ def resolved_gpus(opts: ClusterOptions) -> int:
 
 
 def write_plan(run_dir: Path, suite: str, overrides: list[str], phases: list[list[Unit]]) -> None:
-    plan = {"suite": suite, "overrides": overrides, "phases": [[u.to_dict() for u in p] for p in phases]}
-    write_json_atomic(Path(run_dir) / "units" / "plan.json", plan)
+    write_json_atomic(Path(run_dir) / "units" / "plan.json", _plan(suite, overrides, phases))
+
+
+def _plan(suite: str, overrides: list[str], phases: list[list[Unit]]) -> dict[str, Any]:
+    return {"suite": suite, "overrides": overrides, "phases": [[u.to_dict() for u in p] for p in phases]}
+
+
+def finished_units(run_dir: Path, suite: str, overrides: list[str], phases: list[list[Unit]]) -> set[Unit]:
+    """The units a rerun of the same plan need not submit again (done last time), and (re)write the
+    plan. Another plan in the run folder: none (its units' states belong to other work). Skipping is
+    only about jobs: were a product gone from the cache, the unit that needs it recomputes it."""
+    plan_file = Path(run_dir) / "units" / "plan.json"
+    same = plan_file.is_file() and json.loads(plan_file.read_text()) == _plan(suite, overrides, phases)
+    write_plan(run_dir, suite, overrides, phases)
+    if not same:
+        return set()
+    done = {row["unit"] for row in unit_status(run_dir) if row["state"] == "done"}
+    return {u for phase in phases for u in phase if u.label in done}
 
 
 def submit_units(
@@ -159,7 +176,17 @@ def submit_units(
     if opts.units_per_job < 1:
         raise BenchError(f"--units-per-job must be >= 1, got {opts.units_per_job}")
     gpus = resolved_gpus(opts)
-    write_plan(out, suite, overrides, phases)
+    finished = finished_units(out, suite, overrides, phases)
+    if finished:
+        print(
+            f"[negmerge-bench] {len(finished)} units done by an earlier submission: not submitted again",
+            file=sys.stderr,
+        )
+    phases = [todo for todo in ([u for u in phase if u not in finished] for phase in phases) if todo]
+    if opts.executor == "slurm":
+        from bench.slurm_queue import install
+
+        install()  # one line, not a warning per poll, where sacct cannot answer; squeue instead
     executor = submitit.AutoExecutor(folder=str(Path(out) / "cluster-logs" / "%j"), cluster=opts.executor)
     base: dict[str, Any] = {
         "name": f"negmerge-{Path(suite).stem}",
@@ -194,8 +221,20 @@ def submit_units(
 
 
 def _wait(jobs: list[Any]) -> None:
+    """Wait for every job; then one error naming the jobs that failed or were killed (their units are
+    resumable: a rerun of the same command finds all that finished in the cache)."""
+    failed = []
     for job in jobs:
-        job.result()  # raises with the job's traceback if it failed
+        try:
+            job.result()
+        except Exception as exc:  # the job's traceback, or "has not produced any output" (killed)
+            failed.append((job.job_id, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+    if failed:
+        first_id, first_error = failed[0]
+        raise BenchError(
+            f"{len(failed)} of {len(jobs)} jobs failed or were killed (job {first_id}: {first_error}); "
+            "`negmerge-bench status RUN_DIR` names each unit and its log; rerun the same command to resume from the cache"
+        )
 
 
 # -- status --------------------------------------------------------------------------------------------

@@ -286,7 +286,16 @@ class AblationCfg(Strict):
         return sizes
 
 
-class MethodChecks(RuntimeFields):
+class TrackingFields(Strict):
+    """Experiment trackers a finished run is logged to (bench.tracking); never part of a cache key."""
+
+    tracking: list[Literal["wandb", "mlflow", "tensorboard"]] = []
+    tracking_dir: str | None = None  # local stores; default: tracking/ beside the run folder
+    tracking_uri: str | None = None  # MLflow tracking URI; default: SQLite in tracking_dir
+    tracking_project: str = "negmerge-bench"  # W&B project and MLflow experiment
+
+
+class MethodChecks(RuntimeFields, TrackingFields):
     """The method fields every protocol's suite has (``baselines``, ``baseline_params``,
     ``merge_params``, ``methods``), checked against the registry for the suite's protocol. Subclasses
     declare the fields, ``protocol`` first and ``methods`` last: a check reads the fields before it."""

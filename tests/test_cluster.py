@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -45,7 +46,8 @@ def test_local_executor_runs_one_job_per_unit_and_assembles_the_same_results(tin
     monkeypatch.setenv("NEGMERGE_CACHE", str(_cold_cache(tiny_backbone, tmp_path / "cluster-cache")))
     out = tmp_path / "cluster"
     argv = ["run", "mini-clip-tiny", "--out", str(out), "--no-report", "--executor", "local", *QUICK]
-    assert main([*argv, "--array-parallelism", "2"]) == 0
+    tracked = ["--track", "tensorboard", "--set", f"tracking_dir={tmp_path / 'store'}"]
+    assert main([*argv, "--array-parallelism", "2", *tracked]) == 0
     states = unit_status(out)
     kinds = [s["unit"].split("-")[0] for s in states]
     assert kinds.count("finetune") == 4 and kinds.count("baseline") == 1 and kinds.count("sweep") == 1
@@ -58,6 +60,8 @@ def test_local_executor_runs_one_job_per_unit_and_assembles_the_same_results(tin
     computed_by = {p["computed_by"] for p in assembled["pool"]}
     assert len(computed_by) == 5  # five processes, one per fine-tuning unit
     pd.testing.assert_frame_equal(_results(out), _results(tmp_path / "single"))
+    if importlib.util.find_spec("tensorboard"):  # logged once, by the assembly, not by the 6 jobs
+        assert len(list((tmp_path / "store" / "tensorboard").rglob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.integration
@@ -180,3 +184,17 @@ def test_no_wait_needs_slurm(tmp_path, capsys):
     pytest.importorskip("submitit")
     assert main(["run", "mini-clip-tiny", "--out", str(tmp_path), "--executor", "local", "--no-wait"]) == 2
     assert "--no-wait: only SLURM jobs outlive this command" in capsys.readouterr().err
+
+
+def test_a_rerun_of_the_same_plan_skips_the_units_that_are_done(tmp_path):
+    from bench.cluster import finished_units
+
+    units = [Unit("finetune", 0, "mnist", index=i) for i in range(3)]
+    phases = [units, [Unit("sweep", 0, "mnist")]]
+    assert finished_units(tmp_path, "mini-clip-tiny", [], phases) == set()  # first submission
+    write_state(tmp_path, units[0], "done")
+    write_state(tmp_path, units[1], "failed", error="RuntimeError: boom")
+    assert finished_units(tmp_path, "mini-clip-tiny", [], phases) == {units[0]}
+    # another plan in the same folder (other overrides): its states say nothing about this one
+    assert finished_units(tmp_path, "mini-clip-tiny", ["seeds=[1]"], phases) == set()
+    assert json.loads((tmp_path / "units" / "plan.json").read_text())["overrides"] == ["seeds=[1]"]
