@@ -196,6 +196,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             exclude=list(args.exclude),
             overwrite=args.overwrite,
         )
+    request.hash_inputs = not args.no_hash
     record = run_merge(request, log=lambda m: print(m, file=sys.stderr))
     rate = record["consensus_rate"]["overall"]
     print(
@@ -289,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--recipe", help="a mergekit-style YAML recipe instead of the flags above")
     mg.add_argument("--out", help="output .safetensors file (single-file base) or folder (Hugging Face base)")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    mg.add_argument("--no-hash", action="store_true", help="skip the inputs' sha256 in the sidecar (sizes only)")
     mg.set_defaults(fn=cmd_merge)
     cv = sub.add_parser("convert", help="import a pickled model or state dict to safetensors, running none of its code")
     cv.add_argument("checkpoint")

@@ -11,6 +11,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
@@ -177,7 +178,12 @@ class DifferenceSource:
 
 
 class LazyDifference:
-    """A flat ``a - b`` in float32 that computes only the slices asked for (see DifferenceSource)."""
+    """A flat ``a - b`` in float32 that computes only the slices asked for (see DifferenceSource).
+
+    The engine asks for the same slice of every candidate in a row, on one thread, so the base's
+    slice is converted to float32 once and reused for all K (a one-slot memo per thread); the
+    subtraction itself is one op, reading the candidate in its own dtype (type promotion to float32
+    converts exactly, so the bits are those of ``a.float() - b.float()``)."""
 
     dtype = torch.float32
 
@@ -189,10 +195,18 @@ class LazyDifference:
         return self._b.numel()
 
     def __getitem__(self, part: slice) -> torch.Tensor:
-        a, b = self._a[part], self._b[part].to(torch.float32)
-        if a.dtype == torch.float32:  # a view of the source: never write into it
-            return torch.sub(a, b)
-        return a.to(torch.float32).sub_(b)
+        return torch.sub(self._a[part], _base_float32(self._b, part))
+
+
+_memo = threading.local()
+
+
+def _base_float32(base: torch.Tensor, part: slice) -> torch.Tensor:
+    key = (base.data_ptr(), base.numel(), base.dtype, part.start, part.stop)
+    if getattr(_memo, "key", None) != key:
+        # holding the base pins its memory, so no other tensor can turn up at this address meanwhile
+        _memo.key, _memo.base, _memo.value = key, base, base[part].to(torch.float32)
+    return _memo.value
 
 
 SourceLike = Union[TensorSource, Mapping[str, torch.Tensor], str, os.PathLike]  # noqa: UP007 (py3.10 runtime alias)

@@ -22,7 +22,6 @@ from baselines.registry import all_methods, get_method
 from bench.checkpoints.formats import SINGLE_FILES, WEIGHT_SUFFIXES, Checkpoint, file_sha256, open_checkpoint
 from bench.checkpoints.write import StagedOutput, refuse_existing
 from bench.errors import BenchError
-from negmerge.arithmetic import apply
 from negmerge.errors import MergeInputError
 from negmerge.sources import DifferenceSource
 
@@ -41,6 +40,7 @@ class MergeRequest:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     overwrite: bool = False
+    hash_inputs: bool = True  # sha256 of every input file in the sidecar (a second read of each byte)
 
 
 def expand_candidates(items: list[str], base: Path) -> list[Path]:
@@ -155,7 +155,8 @@ def run_merge(request: MergeRequest, log=print) -> dict[str, Any]:
     log(f"merging {len(cands)} candidates with {method.name} into {len(shards)} shard(s) -> {request.out}")
 
     hashing = ThreadPoolExecutor(1)  # hashes read the files beside the merge, not after it
-    hashes = {p: hashing.submit(file_sha256, p) for ck in (base, *cands) for p in ck.weight_files()}
+    hash_file = file_sha256 if request.hash_inputs else lambda p: None
+    hashes = {p: hashing.submit(hash_file, p) for ck in (base, *cands) for p in ck.weight_files()}
     stage = StagedOutput(request.out, folder, request.overwrite)
     try:
         rates = _merge_into(stage, base, cands, method, request, shards, merged_keys)
@@ -186,36 +187,55 @@ def _shard_plan(base: Checkpoint, folder: bool) -> dict[str, list[str]]:
 
 
 def _merge_into(stage, base, cands, method, request, shards, merged_keys) -> dict[str, tuple[int, int]]:
-    """Merge and write every shard; returns key -> (kept, total) elements of the merged vector."""
-    merge = method.merge
+    """Merge and write every shard, tensor by tensor; returns key -> (kept, total) elements of the
+    merged vector. An elementwise merge runs one key at a time (the same bits as all keys at once),
+    so memory holds one tensor's merged values, not a model's."""
     wanted = set(merged_keys)
 
     def merge_keys(keys: list[str]) -> dict[str, torch.Tensor]:
         sources = [DifferenceSource(c.source, base.source, name=str(c.path), keys=keys) for c in cands]
-        return merge(sources, **request.params) if keys else {}
+        return method.merge(sources, **request.params)
 
     whole = None if method.elementwise else merge_keys(merged_keys)  # a global pass needs every key at once
     rates: dict[str, tuple[int, int]] = {}
     for name, keys in shards.items():
-        mine = [k for k in keys if k in wanted]
-        merged = merge_keys(mine) if whole is None else {k: whole.pop(k) for k in mine}
-        for key, value in merged.items():
-            rates[key] = (int(torch.count_nonzero(value)), value.numel())
-        if request.vector_only:
-            tensors = {k: merged[k].to(base.dtypes[k]) for k in mine}
-        else:
-            tensors = apply({k: base.source.get(k) for k in keys}, merged, -float(request.lam))
-        del merged
-        if tensors:
-            stage.add_shard(name or request.out.name, tensors)
+        written = [k for k in keys if k in wanted or not request.vector_only]
+        if not written:
+            continue
+        writer = stage.open_shard(
+            name or request.out.name, [(k, base.dtypes[k], base.source.shape(k)) for k in written]
+        )
+        for key in written:
+            if key not in wanted:
+                writer.write(key, base.source.get(key))  # integer buffers and excluded tensors: theta_0's
+                continue
+            merged = merge_keys([key])[key] if whole is None else whole.pop(key)
+            rates[key] = (int(torch.count_nonzero(merged)), merged.numel())
+            if request.vector_only:
+                writer.write(key, merged.to(base.dtypes[key]))
+            else:
+                writer.write(key, _theta(base.source.get(key), merged, -float(request.lam)))
+            del merged
+        writer.close()
     return rates
+
+
+def _theta(base: torch.Tensor, tau: torch.Tensor, coef: float, chunk: int = 1 << 22) -> torch.Tensor:
+    """``theta_0 + coef * tau`` in float32, cast to theta_0's dtype: negmerge.apply's formula, in
+    chunks (elementwise, so the same bits) so no float32 copy of a whole tensor is made."""
+    out = torch.empty(base.shape, dtype=base.dtype)
+    flat_out, flat_base, flat_tau = out.view(-1), base.reshape(-1), tau.reshape(-1)
+    for start in range(0, flat_out.numel(), chunk):
+        part = slice(start, start + chunk)
+        flat_out[part] = (flat_base[part].to(torch.float32) + coef * flat_tau[part]).to(base.dtype)
+    return out
 
 
 def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float) -> dict[str, Any]:
     from bench.results import git_commit, package_versions
 
     def files(ck: Checkpoint) -> list[dict[str, str]]:
-        return [{"file": str(p), "sha256": hashes[p].result()} for p in ck.weight_files()]
+        return [{"file": str(p), "bytes": p.stat().st_size, "sha256": hashes[p].result()} for p in ck.weight_files()]
 
     kept = sum(k for k, _ in rates.values())
     total = sum(n for _, n in rates.values())

@@ -8,14 +8,15 @@ are computed, so the writer holds one shard in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
+import sys
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from bench.errors import BenchError
 
@@ -50,12 +51,13 @@ class StagedOutput:
             return self.out / name if self.folder else self.out.parent / name
         return self.stage / name
 
-    def add_shard(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    def open_shard(self, name: str, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> ShardWriter:
+        """A shard whose tensors (key, dtype, shape, in this order) are then written one by one."""
         target = self.stage / (name if self.folder else self.out.name)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(target), metadata=METADATA)
-        for key, value in tensors.items():
+        for key, dtype, shape in entries:
             self.weight_map[key] = name
-            self.total_size += value.numel() * value.element_size()
+            self.total_size += math.prod(shape) * dtype.itemsize
+        return ShardWriter(target, entries)
 
     def copy_side_files(self, files: list[Path]) -> None:
         for file in files:
@@ -89,3 +91,45 @@ class StagedOutput:
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+
+
+_ST_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64", torch.int32: "I32",
+    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+class ShardWriter:
+    """One safetensors file written as its tensors are computed: the header is known up front (every
+    key's dtype and shape), so the data follows tensor by tensor and no shard is ever held whole
+    (safetensors' own save_file serialises the whole file in memory first)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+        if sys.byteorder != "little":
+            raise BenchError("writing safetensors needs a little-endian machine")
+        header: dict[str, object] = {}
+        offset = 0
+        for key, dtype, shape in entries:
+            size = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = METADATA
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._pending = list(reversed(entries))
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        want_key, dtype, shape = self._pending.pop()
+        if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise RuntimeError(f"shard writer: got {key} {tensor.dtype} {tuple(tensor.shape)}, expected {want_key}")
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.numel():
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+
+    def close(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"shard writer: {len(self._pending)} tensors were never written")
+        self._file.close()
