@@ -72,7 +72,7 @@ def clip_units(cfg) -> list[list[Unit]]:
     produce, sweeps = [], []
     for seed in cfg.seeds:
         for dataset in cfg.forget:
-            if uses_pool(cfg.methods):
+            if uses_pool(cfg.methods) and cfg.finetune is not None:  # pool.from: no fine-tuning units
                 n = len(cfg.finetune.points(seed, cfg.finetune_per_dataset.get(dataset)))
                 produce += [Unit("finetune", seed, dataset, index=j) for j in range(n)]
             for method in training_methods(cfg):

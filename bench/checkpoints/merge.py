@@ -220,9 +220,10 @@ def _merge_into(stage, base, cands, method, request, shards, merged_keys) -> dic
     return rates
 
 
-def _theta(base: torch.Tensor, tau: torch.Tensor, coef: float, chunk: int = 1 << 22) -> torch.Tensor:
+def _theta(base: torch.Tensor, tau: torch.Tensor, coef: float, chunk: int = 1 << 18) -> torch.Tensor:
     """``theta_0 + coef * tau`` in float32, cast to theta_0's dtype: negmerge.apply's formula, in
-    chunks (elementwise, so the same bits) so no float32 copy of a whole tensor is made."""
+    cache-sized chunks (elementwise, so the same bits): no float32 copy of a whole tensor is made, and
+    the temporaries stay in cache (4M-element chunks ran 10x slower here than 256K ones)."""
     out = torch.empty(base.shape, dtype=base.dtype)
     flat_out, flat_base, flat_tau = out.view(-1), base.reshape(-1), tau.reshape(-1)
     for start in range(0, flat_out.numel(), chunk):
