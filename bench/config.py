@@ -398,10 +398,14 @@ class ClipSuite(MethodChecks):
 
 
 class SgdGridCfg(Strict):
-    """SGD settings: ``base`` updated by every point of the cartesian product of ``grid`` axes."""
+    """SGD settings: ``base`` updated by every point of the cartesian product of ``grid`` axes. As the
+    pool, ``from`` and ``theta0`` take it from a sweep on disk instead (PoolFromCfg)."""
 
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     base: dict[str, Any] = {}
     grid: dict[str, list[Any]] = {}
+    from_: str | None = Field(None, alias="from", min_length=1)
+    theta0: str | None = Field(None, min_length=1)
 
     @field_validator("base", "grid")
     @classmethod
@@ -421,6 +425,10 @@ class SgdGridCfg(Strict):
     @model_validator(mode="after")
     def _points_valid(self) -> SgdGridCfg:
         """Every setting checked now, not when its training starts."""
+        if (self.from_ is None) != (self.theta0 is None):
+            raise ValueError("pool.from and pool.theta0 go together: the sweep and the model it started from")
+        if self.from_ is not None and (self.base or self.grid):
+            raise ValueError("pool.from takes the pool from disk: drop its base and grid")
         _check_points(lambda: self.points(0), "SGD setting")
         return self
 

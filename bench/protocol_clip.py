@@ -290,32 +290,12 @@ class ClipRun:
         return self._candidates(Unit("finetune", seed, task.name), task, head)
 
     def _pool_from_disk(self, seed: int, task: TaskData) -> list[PoolEntry]:
-        """``pool.from``: the user's sweep, keys mapped onto the image encoder and checked, each
-        candidate's task vector cached under its files' hashes (a changed file is a new entry)."""
-        from bench.checkpoints.sweep import open_sweep, task_vector_of, theta0_difference
+        """``pool.from``: the user's sweep, keys mapped onto the image encoder and checked
+        (bench.checkpoints.sweep)."""
+        from bench.checkpoints.sweep import pool_from_disk
 
-        source = self.cfg.pool
-        base, cands = open_sweep(source.from_, source.theta0, task.name, seed, self.theta0)
-        drift = theta0_difference(base, self.theta0)
-        if drift > 0:
-            self.rec.note(
-                f"pool.theta0 {base.path} differs from the backbone's weights by up to {drift:.3g}; its task "
-                "vectors are applied to the backbone"
-            )
-        entries = []
-        for cand in cands:
-            spec = {
-                "backbone": self.backbone_id,
-                "dataset": task.name,
-                "from": cand.files,
-                "theta0": base.files,
-                "prefixes": [cand.prefix, base.prefix],
-                "params": {"file": cand.path.name},  # what labels the candidate's curve
-            }
-            entry = self.pool.get_or_create(spec, lambda cand=cand: task_vector_of(cand, base, self.theta0))
-            self.rec.pool_member(entry, "from-disk", cand.path.name)
-            entries.append(entry)
-        return entries
+        source, spec = self.cfg.pool, {"backbone": self.backbone_id, "dataset": task.name}
+        return pool_from_disk(self.pool, self.rec, source.from_, source.theta0, task.name, seed, self.theta0, spec)
 
     def _method_models(self, method: str, seed: int, task: TaskData, head) -> list[PoolEntry]:
         """A training-based method's settings, each trained from theta_0 as its recipe says."""

@@ -91,7 +91,7 @@ def classic_units(cfg) -> list[list[Unit]]:
             second += [
                 Unit("baseline", seed, method=method, index=j) for j in range(len(cfg.baselines[method].points(seed)))
             ]
-        if uses_pool(cfg.methods):
+        if uses_pool(cfg.methods) and cfg.pool.from_ is None:  # pool.from: no fine-tuning units
             second += [Unit("candidate", seed, index=j) for j in range(len(cfg.pool.points(seed)))]
     family = [Unit("family", seed) for seed in cfg.seeds]
     return [phase for phase in (first, second, family) if phase]

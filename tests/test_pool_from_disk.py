@@ -30,13 +30,24 @@ def _run(tmp_path: Path, tiny_backbone: Path, monkeypatch, name: str, *extra: st
     return out
 
 
+def _hf_folder(state: dict[str, torch.Tensor], folder: Path) -> None:
+    folder.mkdir()
+    keys = list(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, folder / name, metadata={"format": "pt"})
+    weight_map = {k: name for name, part in shards.items() for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def test_an_exported_pool_gives_the_same_result_rows(tiny_backbone, tmp_path, monkeypatch):
     tuned = _run(tmp_path, tiny_backbone, monkeypatch, "tuned")
     manifest = json.loads((tuned / "manifest.json").read_text())
     members = [m for m in manifest["pool"] if m["role"] == "fine-tune"]
     assert len(members) == 4
     # export as a user's sweep: theta_0 is the backbone checkpoint itself (keys under 'visual.'), the
-    # candidates theta_0 + tau as plain encoder state dicts, one as a PyTorch file
+    # candidates theta_0 + tau as plain encoder state dicts, one as a PyTorch file, one as a sharded
+    # Hugging Face style folder
     theta0 = {k[len("visual.") :]: v for k, v in load_file(tiny_backbone).items() if k.startswith("visual.")}
     sweep = tmp_path / "sweep" / "sklearn-digits"
     sweep.mkdir(parents=True)
@@ -45,6 +56,8 @@ def test_an_exported_pool_gives_the_same_result_rows(tiny_backbone, tmp_path, mo
         theta = {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in theta0.items()}
         if i == 1:
             torch.save({"state_dict": theta}, sweep / f"cand{i}.pt")
+        elif i == 3:
+            _hf_folder(theta, sweep / f"cand{i}")
         else:
             save_file(theta, sweep / f"cand{i}.safetensors")
     pool = f"pool={{from: '{tmp_path / 'sweep' / '{dataset}'}', theta0: '{tiny_backbone}'}}"
@@ -60,7 +73,7 @@ def test_an_exported_pool_gives_the_same_result_rows(tiny_backbone, tmp_path, mo
         "cand0.safetensors",
         "cand1.pt",
         "cand2.safetensors",
-        "cand3.safetensors",
+        "model-00001-of-00002.safetensors",  # cand3, a sharded folder: its first shard
     ]
     assert all(len(f["sha256"]) == 64 for f in files)
     assert not any(m["role"] == "fine-tune" for m in disk["pool"])
@@ -81,3 +94,47 @@ def test_a_sweep_of_another_model_is_refused_at_load_naming_the_key(tiny_backbon
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and repr(key) in err and "cand0.safetensors" in err, err
+
+
+def test_classic_an_exported_pool_gives_the_same_result_rows(tmp_path, monkeypatch):
+    """Protocol B: the Original is theta_0, the pool's parameters come from disk, BN-free MLP."""
+
+    def run(name: str, *extra: str) -> Path:
+        monkeypatch.setenv("NEGMERGE_CACHE", str(tmp_path / f"cache-{name}"))
+        out = tmp_path / name
+        argv = [
+            "run",
+            "mini-classic-tiny",
+            "--no-report",
+            "--out",
+            str(out),
+            "--set",
+            "methods=[single_best, negmerge]",
+        ]
+        assert main([*argv, *extra]) == 0
+        return out
+
+    tuned = run("tuned")
+    manifest = json.loads((tuned / "manifest.json").read_text())
+    cache = tmp_path / "cache-tuned"
+    originals = [m for m in manifest["pool"] if m["role"] == "original"]
+    members = [m for m in manifest["pool"] if m["role"] == "fine-tune"]
+    seeds = manifest["config"]["seeds"]
+    per_seed = len(members) // len(seeds)
+    for s, seed in enumerate(seeds):
+        original = load_file(
+            cache / "classic-models" / f"{originals[s if len(originals) > 1 else 0]['key']}.safetensors"
+        )
+        folder = tmp_path / "sweep" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        save_file(original, folder / "theta0.safetensors")
+        for j, member in enumerate(members[s * per_seed : (s + 1) * per_seed]):
+            tau = load_file(cache / "classic-pool" / f"{member['key']}.safetensors")
+            theta = {k: (v.float() + tau[k]).to(v.dtype) if k in tau else v for k, v in original.items()}
+            save_file(theta, folder / f"cand{j}.safetensors")
+    sweep = tmp_path / "sweep" / "seed{seed}"
+    loaded = run("from-disk", "--set", f"pool={{from: '{sweep}', theta0: '{sweep / 'theta0.safetensors'}'}}")
+    pd.testing.assert_frame_equal(pd.read_csv(tuned / "results.csv"), pd.read_csv(loaded / "results.csv"))
+    disk = json.loads((loaded / "manifest.json").read_text())
+    assert not any(m["role"] == "fine-tune" for m in disk["pool"])
+    assert sum(m["role"] == "from-disk" for m in disk["pool"]) == len(members)

@@ -97,3 +97,29 @@ def theta0_difference(base: DiskCandidate, reference: Mapping[str, torch.Tensor]
 
 def _hashes(ck: Checkpoint) -> list[dict[str, str]]:
     return [{"file": str(p), "sha256": file_sha256(p)} for p in ck.weight_files()]
+
+
+def pool_from_disk(pool, rec, pattern: str, theta0: str, dataset: str, seed: int, reference, spec: dict) -> list:
+    """Both protocols' ``pool.from``: each candidate's task vector as a pool entry (cached under the
+    files' hashes and ``spec``, the protocol's identity of theta_0), recorded in the manifest with
+    its files and hashes. ``reference``: the protocol's theta_0 over the tensors a task vector covers."""
+    base, cands = open_sweep(pattern, theta0, dataset, seed, reference)
+    drift = theta0_difference(base, reference)
+    if drift > 0:
+        rec.note(
+            f"pool.theta0 {base.path} differs from the protocol's theta_0 by up to {drift:.3g}; its task vectors "
+            "are applied to the protocol's"
+        )
+    entries = []
+    for cand in cands:
+        key_spec = {
+            **spec,
+            "from": cand.files,
+            "theta0": base.files,
+            "prefixes": [cand.prefix, base.prefix],
+            "params": {"file": cand.path.name},  # what labels the candidate's curve
+        }
+        entry = pool.get_or_create(key_spec, lambda cand=cand: task_vector_of(cand, base, reference))
+        rec.pool_member(entry, "from-disk", cand.path.name)
+        entries.append(entry)
+    return entries
