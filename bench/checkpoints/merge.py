@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from baselines.registry import all_methods, get_method
+from bench.checkpoints.arith import theta_from
 from bench.checkpoints.formats import SINGLE_FILES, WEIGHT_SUFFIXES, Checkpoint, file_sha256, open_checkpoint
 from bench.checkpoints.write import StagedOutput, refuse_existing
 from bench.errors import BenchError
@@ -214,22 +215,10 @@ def _merge_into(stage, base, cands, method, request, shards, merged_keys) -> dic
             if request.vector_only:
                 writer.write(key, merged.to(base.dtypes[key]))
             else:
-                writer.write(key, _theta(base.source.get(key), merged, -float(request.lam)))
+                writer.write(key, theta_from(base.source.get(key), merged, -float(request.lam)))
             del merged
         writer.close()
     return rates
-
-
-def _theta(base: torch.Tensor, tau: torch.Tensor, coef: float, chunk: int = 1 << 18) -> torch.Tensor:
-    """``theta_0 + coef * tau`` in float32, cast to theta_0's dtype: negmerge.apply's formula, in
-    cache-sized chunks (elementwise, so the same bits): no float32 copy of a whole tensor is made, and
-    the temporaries stay in cache (4M-element chunks ran 10x slower here than 256K ones)."""
-    out = torch.empty(base.shape, dtype=base.dtype)
-    flat_out, flat_base, flat_tau = out.view(-1), base.reshape(-1), tau.reshape(-1)
-    for start in range(0, flat_out.numel(), chunk):
-        part = slice(start, start + chunk)
-        flat_out[part] = (flat_base[part].to(torch.float32) + coef * flat_tau[part]).to(base.dtype)
-    return out
 
 
 def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float) -> dict[str, Any]:
