@@ -74,8 +74,8 @@ def _write_folder(folder: Path, tensors_of, shapes: dict[str, tuple]) -> list[Pa
 def write_sweep(root: Path) -> tuple[Path, list[Path], list[Path]]:
     shapes = llama_shapes()
     if (root / "done").is_file():
-        files = sorted(root.glob("*/*.safetensors"))
-        return root / "theta0", sorted(p for p in root.iterdir() if p.name.startswith("cand")), files
+        folders = [root / "theta0", *sorted(p for p in root.iterdir() if p.name.startswith("cand"))]
+        return folders[0], folders[1:], [f for d in folders for f in sorted(d.glob("*.safetensors"))]
     gen = torch.Generator().manual_seed(0)
 
     def base_tensor(key, shape):
