@@ -48,6 +48,10 @@ class Method:
     protocols: tuple[str, ...] = ()  # references and single: where they exist; merges/training: derived
     role: Literal["", "before", "target"] = ""  # references: the model before unlearning, or its target
     emphasis: bool = False  # the method this benchmark is about (a star in figures)
+    # merges only: each output element depends on the candidates' values at that element alone, so the
+    # merge of a subset of keys equals that subset of the whole merge (``negmerge-bench merge`` then
+    # streams it one output shard at a time); False is always correct (TIES's cut is global)
+    elementwise: bool = False
 
     @property
     def plain(self) -> str:
@@ -173,9 +177,11 @@ register(Method("rl", "training", "RL", "tab:pink", training=RandomLabel))
 register(Method("l1_sparse", "training", r"$\ell_1$-sparse", "#7f7f00", training=L1Sparse))
 register(Method("salun", "training", "SalUn", "#17becf", training=SalUn))
 register(Method("single_best", "single", "Single best TA", "tab:purple", protocols=("clip", "classic")))
-register(Method("average", "merge", "Uniform merge", "tab:blue", merge=average_merge))
+register(Method("average", "merge", "Uniform merge", "tab:blue", merge=average_merge, elementwise=True))
 register(Method("ties", "merge", "TIES", "tab:orange", merge=ties_merge))
-register(Method("magmax", "merge", "MagMax", "tab:green", merge=magmax_merge))
+register(Method("magmax", "merge", "MagMax", "tab:green", merge=magmax_merge, elementwise=True))
 register(Method("dare", "merge", "DARE", "tab:brown", merge=dare_merge))
 register(Method("iso_c", "merge", "Iso-C", "navy", merge=iso_c_merge))
-register(Method("negmerge", "merge", "NegMerge", "tab:red", merge=sign_consensus_merge, emphasis=True))
+register(
+    Method("negmerge", "merge", "NegMerge", "tab:red", merge=sign_consensus_merge, emphasis=True, elementwise=True)
+)

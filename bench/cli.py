@@ -215,6 +215,64 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from bench.checkpoints.merge import MergeRequest, run_merge
+
+    out = Path(args.out) if args.out else None
+    if args.recipe:
+        from bench.checkpoints.recipe import load_recipe
+
+        given = [f for f in ("base", "candidates", "method", "lam") if getattr(args, f) not in (None, [])]
+        if given or args.set or args.vector_only or args.include or args.exclude:
+            raise BenchError("--recipe holds the whole merge; give only --out / --overwrite beside it")
+        request = load_recipe(Path(args.recipe), out, args.overwrite)
+    else:
+        missing = [f"--{f}" for f in ("base", "candidates", "method", "out") if not getattr(args, f)]
+        if missing:
+            raise BenchError(f"merge needs {', '.join(missing)} (or --recipe r.yaml)")
+        request = MergeRequest(
+            base=Path(args.base),
+            candidates=list(args.candidates),
+            method=args.method,
+            out=out,
+            params=_key_values(args.set, "--set"),
+            lam=args.lam,
+            vector_only=args.vector_only,
+            include=list(args.include),
+            exclude=list(args.exclude),
+            overwrite=args.overwrite,
+        )
+    request.hash_inputs = not args.no_hash
+    record = run_merge(request, log=lambda m: print(m, file=sys.stderr))
+    rate = record["consensus_rate"]["overall"]
+    print(
+        f"wrote {request.out} ({record['method']}, {len(record['candidates'])} candidates, kept {rate:.2%} of elements)"
+    )
+    return 0
+
+
+def _key_values(items: list[str], flag: str) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BenchError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} threshold=0.8")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from bench.checkpoints.unpickle import convert_checkpoint
+
+    prefixes = convert_checkpoint(Path(args.checkpoint), Path(args.out), args.strip_prefix, args.overwrite)
+    print(f"wrote {args.out}; key prefixes:")
+    for prefix, count in prefixes:
+        print(f"  {prefix}  ({count} tensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="negmerge-bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a suite field")
     st.add_argument("--all", action="store_true", help="list finished units too")
     st.set_defaults(fn=cmd_status)
+    mg = sub.add_parser("merge", help="merge checkpoints you already have (safetensors, HF folders, state dicts)")
+    mg.add_argument("--base", help="theta_0: a checkpoint file or Hugging Face folder")
+    mg.add_argument("--candidates", nargs="+", default=[], help="fine-tuned checkpoints, folders of them, or globs")
+    mg.add_argument("--method", help="a registered merge: negmerge, ties, magmax, average, ...")
+    mg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a merge parameter")
+    lam = mg.add_mutually_exclusive_group()
+    lam.add_argument("--lam", type=float, help="write theta_0 - LAM * merged")
+    lam.add_argument("--vector-only", action="store_true", help="write the merged task vector instead")
+    mg.add_argument("--include", nargs="+", default=[], metavar="GLOB", help="merge only keys matching these")
+    mg.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="keep these keys at theta_0")
+    mg.add_argument("--recipe", help="a mergekit-style YAML recipe instead of the flags above")
+    mg.add_argument("--out", help="output .safetensors file (single-file base) or folder (Hugging Face base)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    mg.add_argument("--no-hash", action="store_true", help="skip the inputs' sha256 in the sidecar (sizes only)")
+    mg.set_defaults(fn=cmd_merge)
+    cv = sub.add_parser("convert", help="import a pickled model or state dict to safetensors, running none of its code")
+    cv.add_argument("checkpoint")
+    cv.add_argument("out")
+    cv.add_argument("--strip-prefix", default="", help="drop this prefix from every key (e.g. model.)")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    cv.set_defaults(fn=cmd_convert)
     lst = sub.add_parser("list", help="list suites, methods, datasets or backbones")
     lst.add_argument("what", choices=["suites", "methods", "datasets", "backbones"])
     lst.set_defaults(fn=cmd_list)

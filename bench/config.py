@@ -234,6 +234,16 @@ class GridCfg(Strict):
         return out
 
 
+class PoolFromCfg(Strict):
+    """A candidate pool from a sweep already on disk (docs/checkpoints.md): ``from`` is a folder, glob
+    or checkpoint list of the fine-tuned candidates, ``theta0`` the model they started from; both may
+    hold ``{dataset}`` and ``{seed}``. No fine-tuning runs for the pool."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str = Field(alias="from", min_length=1)
+    theta0: str = Field(min_length=1)
+
+
 class SelectionCfg(Strict):
     lambda_start: float = 0.0
     lambda_stop: float = 1.0
@@ -336,7 +346,8 @@ class ClipSuite(MethodChecks):
     forget: list[str]
     control: str
     data: DataCfg = DataCfg()
-    finetune: GridCfg
+    finetune: GridCfg | None = None  # the candidate pool's fine-tuning grid, or:
+    pool: PoolFromCfg | None = None  # the pool from a sweep on disk
     finetune_per_dataset: dict[str, dict[str, Any]] = {}
     baselines: dict[str, GridCfg] = {}  # training-based methods (ga) -> fine-tuning settings, selected on Val
     baseline_params: dict[str, dict[str, float]] = {}  # per method; unset parameters take its defaults
@@ -391,16 +402,24 @@ class ClipSuite(MethodChecks):
             raise ValueError("backbone.pretrained is 'pretrain' but the suite has no pretrain section")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        for dataset in self.forget:
+        if self.finetune is None and self.pool is None:
+            raise ValueError("give finetune (the pool's fine-tuning grid) or pool: {from: ..., theta0: ...}")
+        if self.finetune is not None and self.pool is not None:
+            raise ValueError("pool.from takes the pool from disk: drop finetune, or drop pool to fine-tune it")
+        for dataset in self.forget if self.finetune is not None else ():
             _check_points(lambda dataset=dataset: self.finetune.points(0, self.finetune_per_dataset.get(dataset)))
         return self
 
 
 class SgdGridCfg(Strict):
-    """SGD settings: ``base`` updated by every point of the cartesian product of ``grid`` axes."""
+    """SGD settings: ``base`` updated by every point of the cartesian product of ``grid`` axes. As the
+    pool, ``from`` and ``theta0`` take it from a sweep on disk instead (PoolFromCfg)."""
 
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
     base: dict[str, Any] = {}
     grid: dict[str, list[Any]] = {}
+    from_: str | None = Field(None, alias="from", min_length=1)
+    theta0: str | None = Field(None, min_length=1)
 
     @field_validator("base", "grid")
     @classmethod
@@ -420,6 +439,10 @@ class SgdGridCfg(Strict):
     @model_validator(mode="after")
     def _points_valid(self) -> SgdGridCfg:
         """Every setting checked now, not when its training starts."""
+        if (self.from_ is None) != (self.theta0 is None):
+            raise ValueError("pool.from and pool.theta0 go together: the sweep and the model it started from")
+        if self.from_ is not None and (self.base or self.grid):
+            raise ValueError("pool.from takes the pool from disk: drop its base and grid")
         _check_points(lambda: self.points(0), "SGD setting")
         return self
 

@@ -114,7 +114,8 @@ def plan_clip(cfg, count_flops: bool = True) -> Plan:
         val_pass = s.val + control.val
         test_pass = s.test + control.test + (s.train + s.test if cfg.mia.enabled else 0)
         for seed in cfg.seeds:
-            points = cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name))
+            # a pool from disk (pool.from) costs no fine-tuning; its candidates are not counted here
+            points = cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name)) if cfg.finetune else []
             trained = [cfg.baselines[m].points(seed) for m in training_methods(cfg)]
             for p in [*points, *(p for settings in trained for p in settings)]:
                 steps = p.total_steps(s.train)
@@ -164,7 +165,7 @@ def measure_throughput(cfg, batches: int = 3) -> tuple[float, float]:
         with torch.no_grad(), rt.autocast():
             visual.eval()(x_eval)
 
-    train_batch = cfg.finetune.points(cfg.seeds[0])[0].batch_size
+    train_batch = cfg.finetune.points(cfg.seeds[0])[0].batch_size if cfg.finetune else eval_batch
     x_train = torch.randn(train_batch, 3, size, size, device=rt.device)
     opt = torch.optim.AdamW(visual.parameters(), lr=1e-5)
 

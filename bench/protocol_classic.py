@@ -320,7 +320,17 @@ class ClassicRun:
 
     def _task_vectors(self, row: dict, seed: int) -> None:
         cfg = self.cfg
-        entries = [self._pool_entry(i, params) for i, params in enumerate(cfg.pool.points(seed))]
+        if cfg.pool.from_:  # a sweep on disk (bench.checkpoints.sweep): parameters only, as the pool's vectors
+            from bench.checkpoints.sweep import pool_from_disk
+
+            names = {n for n, _ in self._new_model().named_parameters()}
+            spec = {"original": self.original_key, "df": self.df_hash}
+            theta0 = {k: v for k, v in self.original.items() if k in names}
+            entries = pool_from_disk(
+                self.pool, self.rec, cfg.pool.from_, cfg.pool.theta0, cfg.dataset, seed, theta0, spec
+            )
+        else:
+            entries = [self._pool_entry(i, params) for i, params in enumerate(cfg.pool.points(seed))]
         ok = [e for e in entries if e.status == "ok"]
         vectors: dict[str, Any] = {}
         for method in cfg.methods:

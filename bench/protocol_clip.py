@@ -297,7 +297,17 @@ class ClipRun:
         return entries
 
     def _pool(self, seed: int, task: TaskData, head) -> list[PoolEntry]:
+        if self.cfg.pool is not None:
+            return self._pool_from_disk(seed, task)
         return self._candidates(Unit("finetune", seed, task.name), task, head)
+
+    def _pool_from_disk(self, seed: int, task: TaskData) -> list[PoolEntry]:
+        """``pool.from``: the user's sweep, keys mapped onto the image encoder and checked
+        (bench.checkpoints.sweep)."""
+        from bench.checkpoints.sweep import pool_from_disk
+
+        source, spec = self.cfg.pool, {"backbone": self.backbone_id, "dataset": task.name}
+        return pool_from_disk(self.pool, self.rec, source.from_, source.theta0, task.name, seed, self.theta0, spec)
 
     def _method_models(self, method: str, seed: int, task: TaskData, head) -> list[PoolEntry]:
         """A training-based method's settings, each trained from theta_0 as its recipe says."""

@@ -167,6 +167,7 @@ class RunRecorder:
                 "computed_by": entry.computed_by,  # host:pid of the process that computed it
                 "error": entry.error,
                 "dataset": entry.spec.get("dataset"),
+                **({"files": entry.spec["from"]} if "from" in entry.spec else {}),  # pool.from: file and sha256
             }
         )
 

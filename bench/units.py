@@ -72,7 +72,7 @@ def clip_units(cfg) -> list[list[Unit]]:
     produce, sweeps = [], []
     for seed in cfg.seeds:
         for dataset in cfg.forget:
-            if uses_pool(cfg.methods):
+            if uses_pool(cfg.methods) and cfg.finetune is not None:  # pool.from: no fine-tuning units
                 n = len(cfg.finetune.points(seed, cfg.finetune_per_dataset.get(dataset)))
                 produce += [Unit("finetune", seed, dataset, index=j) for j in range(n)]
             for method in training_methods(cfg):
@@ -91,7 +91,7 @@ def classic_units(cfg) -> list[list[Unit]]:
             second += [
                 Unit("baseline", seed, method=method, index=j) for j in range(len(cfg.baselines[method].points(seed)))
             ]
-        if uses_pool(cfg.methods):
+        if uses_pool(cfg.methods) and cfg.pool.from_ is None:  # pool.from: no fine-tuning units
             second += [Unit("candidate", seed, index=j) for j in range(len(cfg.pool.points(seed)))]
     family = [Unit("family", seed) for seed in cfg.seeds]
     return [phase for phase in (first, second, family) if phase]

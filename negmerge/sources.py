@@ -11,6 +11,7 @@ import mmap
 import os
 import struct
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol, Union, runtime_checkable
@@ -139,6 +140,74 @@ def _map_file(path: Path) -> tuple[dict[str, Layout], mmap.mmap | None]:
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+
+
+class DifferenceSource:
+    """The task vector ``theta_i - theta_0`` of two checkpoints, formed chunk by chunk, never whole.
+
+    Both sides are TensorSources (files are memory maps), so a merge of K fine-tuned checkpoints
+    against their base holds no task vector in memory: ``flat(key)`` hands the merge engine a lazy
+    view whose slices are ``float32(theta_i) - float32(theta_0)`` over that slice only (the formula
+    of ``negmerge.task_vector``, without rounding back to half precision). ``get`` forms one whole
+    tensor, for merges that need a global pass (TIES's top-k cut). Floating keys only (of ``keys``,
+    default all of the base's): integer buffers are not weights.
+    """
+
+    def __init__(
+        self, finetuned: TensorSource, base: TensorSource, name: str | None = None, keys: list[str] | None = None
+    ) -> None:
+        self.finetuned = finetuned
+        self.base = base
+        self.name = name or finetuned.name
+        self._keys = [k for k in (base.keys() if keys is None else keys) if base.is_floating(k)]
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.base.shape(key)
+
+    def is_floating(self, key: str) -> bool:
+        return True
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.flat(key)[:].view(self.shape(key))
+
+    def flat(self, key: str) -> LazyDifference:
+        return LazyDifference(self.finetuned.get(key).reshape(-1), self.base.get(key).reshape(-1))
+
+
+class LazyDifference:
+    """A flat ``a - b`` in float32 that computes only the slices asked for (see DifferenceSource).
+
+    The engine asks for the same slice of every candidate in a row, on one thread, so the base's
+    slice is converted to float32 once and reused for all K (a one-slot memo per thread); the
+    subtraction itself is one op, reading the candidate in its own dtype (type promotion to float32
+    converts exactly, so the bits are those of ``a.float() - b.float()``)."""
+
+    dtype = torch.float32
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self._a = a
+        self._b = b
+
+    def numel(self) -> int:
+        return self._b.numel()
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        return torch.sub(self._a[part], _base_float32(self._b, part))
+
+
+_memo = threading.local()
+
+
+def _base_float32(base: torch.Tensor, part: slice) -> torch.Tensor:
+    key = (base.data_ptr(), base.numel(), base.dtype, part.start, part.stop)
+    if getattr(_memo, "key", None) != key:
+        # holding the base pins its memory, so no other tensor can turn up at this address meanwhile
+        _memo.key, _memo.base, _memo.value = key, base, base[part].to(torch.float32)
+    return _memo.value
+
 
 SourceLike = Union[TensorSource, Mapping[str, torch.Tensor], str, os.PathLike]  # noqa: UP007 (py3.10 runtime alias)
 

@@ -187,7 +187,7 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
 
     def tasks() -> Iterator[tuple[str, int, list[torch.Tensor], torch.Tensor]]:
         for key in floating_keys_of(sources[0]):
-            flats = [src.get(key).reshape(-1) for src in sources]  # files: zero-copy views of their pages
+            flats = [_flat(src, key) for src in sources]  # files: zero-copy views of their pages
             out[key] = torch.empty(sources[0].shape(key), dtype=flats[0].dtype)
             flat_out = out[key].reshape(-1)
             for start in range(0, flat_out.numel(), CHUNK_ELEMENTS):
@@ -223,6 +223,13 @@ def merge_elementwise(candidates: Sequence[SourceLike], reduce: Reduce) -> dict[
                 future.cancel()
             raise
     return out
+
+
+def _flat(source: TensorSource, key: str):
+    """A flat view of one tensor; a source that forms its values lazily (``flat``, e.g.
+    negmerge.sources.DifferenceSource) hands over an object whose slices are float32 chunks."""
+    flat = getattr(source, "flat", None)
+    return flat(key) if flat is not None else source.get(key).reshape(-1)
 
 
 def _float32(part: torch.Tensor) -> torch.Tensor:
