@@ -188,11 +188,12 @@ def test_pool_keys_name_the_training_images_skip_left_out(tmp_path):
 
     from bench.config import load_suite
     from bench.data.damaged import BadImageCheck
+    from bench.device import CPU
     from bench.protocol_clip import ClipRun, Grid
 
     cfg = load_suite("mini-clip-tiny")
     run = ClipRun(cfg, tmp_path / "out", tmp_path / "cache")
-    run.backbone_id, run.bad = "backbone", BadImageCheck(tmp_path / "bad-images")
+    run.backbone_id, run.bad, run.rt = "backbone", BadImageCheck(tmp_path / "bad-images"), CPU
     task, grid = SimpleNamespace(name="dtd"), Grid(cfg.finetune.points(0), "fine-tune", list(range(50)), 1)
 
     def key(*dropped: tuple[str, str, str]) -> str:

