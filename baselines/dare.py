@@ -32,7 +32,7 @@ from baselines.ties import TiesReduce, check_ties_params, ties_merge, ties_reduc
 from negmerge import kernels
 from negmerge.errors import MergeInputError
 from negmerge.merge import consensus_reduce, required_votes, sign_consensus_merge
-from negmerge.sources import SourceLike, TensorSource
+from negmerge.sources import ForwardingSource, SourceLike, TensorSource
 from negmerge.streaming import Reduce, Where, floating_keys_of, merge_elementwise, open_sources
 
 BASES: dict[str, Callable[..., dict[str, torch.Tensor]]] = {
@@ -103,22 +103,12 @@ class _Drop:
         )
 
 
-class _DroppedSource:
+class _DroppedSource(ForwardingSource):
     """Candidate i as DARE drops it, a whole tensor at a time (TIES's cut pass reads it this way)."""
 
     def __init__(self, drop: _Drop, i: int) -> None:
+        super().__init__(drop.sources[i])
         self._drop, self._i = drop, i
-        self._source = drop.sources[i]
-        self.name = self._source.name
-
-    def keys(self) -> list[str]:
-        return self._source.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._source.shape(key)
-
-    def is_floating(self, key: str) -> bool:
-        return self._source.is_floating(key)
 
     def get(self, key: str) -> torch.Tensor:
         values = self._source.get(key).detach().to(device="cpu", dtype=torch.float32).contiguous().reshape(-1)

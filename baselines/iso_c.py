@@ -23,25 +23,12 @@ import torch
 
 from baselines.average import mean_reduce
 from negmerge.errors import MergeInputError
-from negmerge.sources import SourceLike, TensorSource
+from negmerge.sources import ForwardingSource, SourceLike
 from negmerge.streaming import merge_elementwise, merge_threads, one_thread_per_op, open_sources
 
 
-class _AsFloat32:
+class _AsFloat32(ForwardingSource):
     """A candidate read as float32, so the mean the SVD starts from is not rounded to a half dtype."""
-
-    def __init__(self, source: TensorSource) -> None:
-        self._source = source
-        self.name = source.name
-
-    def keys(self) -> list[str]:
-        return self._source.keys()
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._source.shape(key)
-
-    def is_floating(self, key: str) -> bool:
-        return self._source.is_floating(key)
 
     def get(self, key: str) -> torch.Tensor:
         return self._source.get(key).to(torch.float32)

@@ -37,6 +37,24 @@ class TensorSource(Protocol):
     def get(self, key: str) -> torch.Tensor: ...
 
 
+class ForwardingSource:
+    """Another source's keys, shapes and kinds, for a view of it that changes only what ``get`` returns
+    (a subclass defines ``get``)."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self._source = source
+        self.name = source.name
+
+    def keys(self) -> list[str]:
+        return self._source.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._source.shape(key)
+
+    def is_floating(self, key: str) -> bool:
+        return self._source.is_floating(key)
+
+
 class DictSource:
     """A state dict already in memory."""
 
@@ -98,7 +116,7 @@ class SafetensorsSource:
         return torch.frombuffer(self._mapping, dtype=dtype, count=count, offset=offset).view(shape)
 
 
-_VIEWABLE_DTYPES = {
+VIEWABLE_DTYPES = {  # safetensors dtype names that map onto a torch dtype a file's bytes can be viewed as
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -129,9 +147,9 @@ def _map_file(path: Path) -> tuple[dict[str, Layout], mmap.mmap | None]:
     data_start = 8 + header_len
     layout: dict[str, Layout] = {}
     for key, info in header.items():
-        if key == "__metadata__" or info["dtype"] not in _VIEWABLE_DTYPES:
+        if key == "__metadata__" or info["dtype"] not in VIEWABLE_DTYPES:
             continue
-        dtype = _VIEWABLE_DTYPES[info["dtype"]]
+        dtype = VIEWABLE_DTYPES[info["dtype"]]
         begin, end = info["data_offsets"]
         if data_start + end > size or (end - begin) % dtype.itemsize:
             raise MergeInputError(f"{path}: key {key!r} has a byte range that does not fit the file")

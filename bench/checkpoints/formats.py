@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from bench.errors import BenchError
 from negmerge.errors import MergeInputError
-from negmerge.sources import DictSource, SafetensorsSource, TensorSource
+from negmerge.sources import VIEWABLE_DTYPES, DictSource, SafetensorsSource, TensorSource
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -30,20 +30,8 @@ TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 NESTED_KEYS = ("state_dict", "model_state_dict", "model")  # open_clip and common trainers nest weights here
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# what a safetensors header may name: the dtypes the engine can view, and float8 (copied, never merged)
+_ST_DTYPES = {**VIEWABLE_DTYPES, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class ShardedSource:
