@@ -57,3 +57,18 @@ def assert_bold_is(table_tex: str, expected: dict[int, set[str]]) -> None:
             f"column {col}: bold {sorted(in_col)}, expected one of {sorted(rows)}"
         )
     assert {c for _, c in bold} <= set(expected), f"bold outside the expected columns: {sorted(bold)}"
+
+
+def classic_manifest(seeds: list[int]) -> dict:
+    """The manifest fields a Protocol B table's caption reads, for tables built from constructed rows."""
+    return {
+        "config": {
+            "name": "syn",
+            "seeds": seeds,
+            "forget": {"fraction": 0.1},
+            "dataset": "fm",
+            "model": {"name": "r"},
+            "selection": {"rule": "floor", "floor": 0.95},
+            "bn": "keep",
+        }
+    }

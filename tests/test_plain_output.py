@@ -11,6 +11,7 @@ import pytest
 from bench.cli import main
 from bench.progress import LogProgress, progress_bar
 from bench.results import RESULT_COLUMNS
+from tests.latex import classic_manifest
 
 
 class _Clock:
@@ -121,17 +122,7 @@ def test_a_one_seed_mean_prints_without_a_spread(tmp_path):
     assert "(1/2 seeds)" in rl and "50.00" in rl and "±" not in rl and "nan" not in rl
     retrain = next(line for line in markdown.splitlines() if "Retrain" in line)
     assert "51.00 ± 1.41" in retrain  # two seeds: mean ± sample std of 50 and 52
-    manifest = {
-        "config": {
-            "name": "syn",
-            "seeds": [0, 1],
-            "forget": {"fraction": 0.1},
-            "dataset": "fm",
-            "model": {"name": "r"},
-            "selection": {"rule": "floor", "floor": 0.95},
-            "bn": "keep",
-        }
-    }
+    manifest = classic_manifest([0, 1])
     tex = classic_latex(mean, std, seeds, manifest)
     rl_tex = next(line for line in tex.splitlines() if line.startswith("RL"))
     assert "nan" not in tex and r"\pm" not in rl_tex and "50.00" in rl_tex

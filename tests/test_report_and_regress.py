@@ -12,7 +12,7 @@ from bench.cli import main
 from bench.regress import compare, is_regression
 from bench.report import display, kind
 from bench.results import RESULT_COLUMNS
-from tests.latex import assert_bold_is, assert_compiles, body_rows, bold_cells
+from tests.latex import assert_bold_is, assert_compiles, body_rows, bold_cells, classic_manifest
 
 METHODS = ["zeroshot", "single_best", "average", "ties", "magmax", "negmerge", "ga"]
 
@@ -215,17 +215,7 @@ def test_classic_table_keeps_methods_without_a_feasible_setting(tmp_path):
     mean, std, seeds = classic_table(pd.DataFrame(rows, columns=RESULT_COLUMNS))
     assert list(mean.index) == ["retrain", "rl", "salun", "negmerge"]
     assert mean.loc["rl"].isna().all() and seeds.to_dict() == {"retrain": 2, "rl": 0, "salun": 1, "negmerge": 2}
-    manifest = {
-        "config": {
-            "name": "syn",
-            "seeds": [0, 1],
-            "forget": {"fraction": 0.1},
-            "dataset": "fm",
-            "model": {"name": "r"},
-            "selection": {"rule": "floor", "floor": 0.95},
-            "bn": "keep",
-        }
-    }
+    manifest = classic_manifest([0, 1])
     tex = classic_latex(mean, std, seeds, manifest)
     assert "RL (no feasible setting) & -- & --" in tex and "SalUn (1/2 seeds)" in tex
     assert_compiles(tex, tmp_path)
@@ -317,17 +307,7 @@ def test_classic_table_bolds_the_method_closest_to_retrain():
     }
     results = _rows({m: {("fm", k): v for k, v in zip(metrics, values)} for m, values in table.items()})
     mean, std, seeds = classic_table(results)
-    manifest = {
-        "config": {
-            "name": "syn",
-            "seeds": [0],
-            "forget": {"fraction": 0.1},
-            "dataset": "fm",
-            "model": {"name": "r"},
-            "selection": {"rule": "floor", "floor": 0.95},
-            "bn": "keep",
-        }
-    }
+    manifest = classic_manifest([0])
     tex = classic_latex(mean, std, seeds, manifest)
     expected = {0: "ft", 1: "average", 2: "negmerge", 3: "ga", 4: "average"}
     assert bold_cells(tex) == {(display(m), col) for col, m in expected.items()}
