@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch.func import functional_call, jvp
 from torch.overrides import TorchFunctionMode
 
-
 # Forward-AD levels are process-global in torch, not per thread: two jvps at once (evaluation lanes
 # are threads) corrupt each other's level ("a forward AD level with an invalid index"). One at a time.
 _JVP_LOCK = threading.Lock()

@@ -32,9 +32,9 @@ from bench.errors import BenchError
 from bench.evalcache import EvalCache, vector_id
 from bench.evaluate import Evaluator, resident_budget, top1
 from bench.finetune import FinetuneParams, finetune
-from bench.linear_finetune import finetune_linear
 from bench.heads import cached_head
 from bench.lanes import Lanes, resolve_jobs
+from bench.linear_finetune import finetune_linear
 from bench.metrics import membership_metrics
 from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
