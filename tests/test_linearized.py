@@ -220,3 +220,20 @@ def test_the_linear_spec_is_the_standard_spec_plus_the_mode(tmp_path):
     assert set(standard) == {"backbone", "dataset", "split", "n_train", "params", "direction", "precision"}
     assert linear == {**standard, "mode": "linear"}
     assert v_standard == code_digest("bench.finetune") and v_linear == code_digest("bench.linear_finetune")
+
+
+@pytest.mark.parametrize(
+    "overrides, edits, tag",
+    [
+        ([], False, {}),
+        (["finetune.mode=linear"], True, {"eval": "linear"}),
+        (["finetune.mode=linear", "finetune.linear_eval=posthoc"], False, {"eval": "posthoc"}),
+    ],
+)
+def test_how_the_pool_vectors_are_applied_is_in_their_evaluation_keys(overrides, edits, tag, tmp_path):
+    """A linear pool's vectors are edits of the linear model unless posthoc; the two share the pool's
+    keys, so the evaluations carry which (a standard suite's evaluation keys get nothing new)."""
+    from bench.protocol_clip import ClipRun
+
+    run = ClipRun(load_suite("mini-clip-tiny", overrides), tmp_path / "out", tmp_path / "cache")
+    assert run.linear_edits is edits and run.vector_tag == tag
