@@ -159,11 +159,12 @@ def run_merge(request: MergeRequest, log=print) -> dict[str, Any]:
 
     hashing = ThreadPoolExecutor(1)  # hashes read the files beside the merge, not after it
     hash_file = file_sha256 if request.hash_inputs else lambda p: None
+    provenance = hashing.submit(_provenance)  # git and package metadata: 1-2 s, beside the merge too
     hashes = {p: hashing.submit(hash_file, p) for ck in (base, *cands) for p in ck.weight_files()}
     stage = StagedOutput(request.out, folder, request.overwrite)
     try:
         rates = _merge_into(stage, base, cands, method, request, shards, merged_keys)
-        record = _sidecar(request, method, base, cands, hashes, rates, left_out, non_float)
+        record = _sidecar(request, method, base, cands, hashes, rates, left_out, non_float, provenance.result())
         if folder:
             stage.copy_side_files(base.extra_files)
         stage.write_sidecar(record)
@@ -239,9 +240,16 @@ def _merge_into(stage, base, cands, method, request, shards, merged_keys) -> dic
     return rates
 
 
-def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float) -> dict[str, Any]:
+def _provenance() -> dict[str, Any]:
     from bench.results import git_commit, package_versions
 
+    return {
+        "package_version": package_versions().get("negmerge-bench"),
+        "git": git_commit(Path(__file__).resolve().parents[2]),
+    }
+
+
+def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float, provenance) -> dict[str, Any]:
     def files(ck: Checkpoint) -> list[dict[str, str]]:
         return [{"file": str(p), "bytes": p.stat().st_size, "sha256": hashes[p].result()} for p in ck.weight_files()]
 
@@ -266,6 +274,5 @@ def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float) -
             "non_floating": non_float,  # integer buffers, position ids: never merged
             "handling": "left out of the vector" if request.vector_only else "copied from theta_0",
         },
-        "package_version": package_versions().get("negmerge-bench"),
-        "git": git_commit(Path(__file__).resolve().parents[2]),
+        **provenance,
     }
