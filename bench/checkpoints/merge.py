@@ -21,6 +21,7 @@ import torch
 from baselines.registry import all_methods, get_method
 from bench.checkpoints.arith import theta_from
 from bench.checkpoints.formats import SINGLE_FILES, WEIGHT_SUFFIXES, Checkpoint, file_sha256, open_checkpoint
+from bench.checkpoints.fused import FusedMerger, can_fuse, fused_rule
 from bench.checkpoints.write import StagedOutput, refuse_existing
 from bench.errors import BenchError
 from negmerge.errors import MergeInputError
@@ -42,6 +43,7 @@ class MergeRequest:
     exclude: list[str] = field(default_factory=list)
     overwrite: bool = False
     hash_inputs: bool = True  # sha256 of every input file in the sidecar (a second read of each byte)
+    fused: bool = True  # the one-pass kernel where the merge has one (bench.checkpoints.fused); False: the engine
 
 
 def expand_candidates(items: list[str], base: Path) -> list[Path]:
@@ -157,11 +159,12 @@ def run_merge(request: MergeRequest, log=print) -> dict[str, Any]:
 
     hashing = ThreadPoolExecutor(1)  # hashes read the files beside the merge, not after it
     hash_file = file_sha256 if request.hash_inputs else lambda p: None
+    provenance = hashing.submit(_provenance)  # git and package metadata: 1-2 s, beside the merge too
     hashes = {p: hashing.submit(hash_file, p) for ck in (base, *cands) for p in ck.weight_files()}
     stage = StagedOutput(request.out, folder, request.overwrite)
     try:
         rates = _merge_into(stage, base, cands, method, request, shards, merged_keys)
-        record = _sidecar(request, method, base, cands, hashes, rates, left_out, non_float)
+        record = _sidecar(request, method, base, cands, hashes, rates, left_out, non_float, provenance.result())
         if folder:
             stage.copy_side_files(base.extra_files)
         stage.write_sidecar(record)
@@ -190,40 +193,63 @@ def _shard_plan(base: Checkpoint, folder: bool) -> dict[str, list[str]]:
 def _merge_into(stage, base, cands, method, request, shards, merged_keys) -> dict[str, tuple[int, int]]:
     """Merge and write every shard, tensor by tensor; returns key -> (kept, total) elements of the
     merged vector. An elementwise merge runs one key at a time (the same bits as all keys at once),
-    so memory holds one tensor's merged values, not a model's."""
+    so memory holds one tensor's merged values, not a model's; with a fused rule (bench.checkpoints
+    .fused) it writes straight into the shard's buffer and holds nothing else."""
     wanted = set(merged_keys)
 
-    def merge_keys(keys: list[str]) -> dict[str, torch.Tensor]:
-        sources = [DifferenceSource(c.source, base.source, name=str(c.path), keys=keys) for c in cands]
-        return method.merge(sources, **request.params)
+    def differences(keys: list[str]) -> list[DifferenceSource]:
+        return [DifferenceSource(c.source, base.source, name=str(c.path), keys=keys) for c in cands]
 
+    def merge_keys(keys: list[str]) -> dict[str, torch.Tensor]:
+        return method.merge(differences(keys), **request.params)
+
+    rule = None
+    if method.elementwise and request.fused:
+        rule = fused_rule(method.merge, method.resolved(request.params), len(cands))
+    coef = None if request.vector_only else -float(request.lam)
+    merger = FusedMerger(rule, coef, differences(merged_keys)) if rule is not None else None
     whole = None if method.elementwise else merge_keys(merged_keys)  # a global pass needs every key at once
     rates: dict[str, tuple[int, int]] = {}
-    for name, keys in shards.items():
-        written = [k for k in keys if k in wanted or not request.vector_only]
-        if not written:
-            continue
-        writer = stage.open_shard(
-            name or request.out.name, [(k, base.dtypes[k], base.source.shape(k)) for k in written]
-        )
-        for key in written:
-            if key not in wanted:
-                writer.write(key, base.source.get(key))  # integer buffers and excluded tensors: theta_0's
+    try:
+        for name, keys in shards.items():
+            written = [k for k in keys if k in wanted or not request.vector_only]
+            if not written:
                 continue
-            merged = merge_keys([key])[key] if whole is None else whole.pop(key)
-            rates[key] = (int(torch.count_nonzero(merged)), merged.numel())
-            if request.vector_only:
-                writer.write(key, merged.to(base.dtypes[key]))
-            else:
-                writer.write(key, theta_from(base.source.get(key), merged, -float(request.lam)))
-            del merged
-        writer.close()
+            writer = stage.open_shard(
+                name or request.out.name, [(k, base.dtypes[k], base.source.shape(k)) for k in written]
+            )
+            for key in written:
+                if key not in wanted:
+                    writer.write(key, base.source.get(key))  # integer buffers and excluded tensors: theta_0's
+                elif merger is not None and can_fuse(base.dtypes[key]):
+                    slot = writer.slot(key)
+                    kept = merger.merge(key, base.source.get(key), [c.source.get(key) for c in cands], slot)
+                    rates[key] = (kept, slot.numel())
+                else:
+                    merged = merge_keys([key])[key] if whole is None else whole.pop(key)
+                    rates[key] = (int(torch.count_nonzero(merged)), merged.numel())
+                    if request.vector_only:
+                        writer.write(key, merged.to(base.dtypes[key]))
+                    else:
+                        writer.write(key, theta_from(base.source.get(key), merged, coef))
+                    del merged
+            writer.close()
+    finally:
+        if merger is not None:
+            merger.close()
     return rates
 
 
-def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float) -> dict[str, Any]:
+def _provenance() -> dict[str, Any]:
     from bench.results import git_commit, package_versions
 
+    return {
+        "package_version": package_versions().get("negmerge-bench"),
+        "git": git_commit(Path(__file__).resolve().parents[2]),
+    }
+
+
+def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float, provenance) -> dict[str, Any]:
     def files(ck: Checkpoint) -> list[dict[str, str]]:
         return [{"file": str(p), "bytes": p.stat().st_size, "sha256": hashes[p].result()} for p in ck.weight_files()]
 
@@ -248,6 +274,5 @@ def _sidecar(request, method, base, cands, hashes, rates, left_out, non_float) -
             "non_floating": non_float,  # integer buffers, position ids: never merged
             "handling": "left out of the vector" if request.vector_only else "copied from theta_0",
         },
-        "package_version": package_versions().get("negmerge-bench"),
-        "git": git_commit(Path(__file__).resolve().parents[2]),
+        **provenance,
     }

@@ -1,8 +1,9 @@
 """Write a checkpoint atomically: a single safetensors file, or a Hugging Face folder of shards.
 
 Everything is staged beside the destination and renamed into place at the end, so an interrupted
-write leaves the old output (or none), never a torn one. Shards are written one at a time as they
-are computed, so the writer holds one shard in memory.
+write leaves the old output (or none), never a torn one. Shards are built one at a time as they
+are computed, each in one reused buffer written with one write, so the writer holds one shard in
+memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.errors import BenchError
@@ -44,6 +46,7 @@ class StagedOutput:
         self.stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
+        self.buffers = ShardBuffer()
 
     def sidecar_path(self, final: bool = True) -> Path:
         name = "merge.json" if self.folder else self.out.with_suffix(".merge.json").name
@@ -57,7 +60,7 @@ class StagedOutput:
         for key, dtype, shape in entries:
             self.weight_map[key] = name
             self.total_size += math.prod(shape) * dtype.itemsize
-        return ShardWriter(target, entries)
+        return ShardWriter(target, entries, self.buffers)
 
     def copy_side_files(self, files: list[Path]) -> None:
         for file in files:
@@ -67,6 +70,7 @@ class StagedOutput:
         self.sidecar_path(final=False).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
     def commit(self, sharded: bool) -> Path:
+        self.buffers = ShardBuffer()  # every shard is on disk: drop the buffer
         if self.folder:
             if sharded:
                 index = {
@@ -91,6 +95,7 @@ class StagedOutput:
 
     def abort(self) -> None:
         shutil.rmtree(self.stage, ignore_errors=True)
+        self.buffers = ShardBuffer()
 
 
 _ST_NAMES = {
@@ -101,11 +106,18 @@ _ST_NAMES = {
 
 
 class ShardWriter:
-    """One safetensors file written as its tensors are computed: the header is known up front (every
-    key's dtype and shape), so the data follows tensor by tensor and no shard is ever held whole
-    (safetensors' own save_file serialises the whole file in memory first)."""
+    """One safetensors file built in one buffer and written with one write on ``close``.
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> None:
+    The header is known up front (every key's dtype and shape), so each tensor has its slot in the
+    buffer from the start: a merge writes its results straight into ``slot(key)`` (bench.checkpoints
+    .fused), or ``write`` copies a finished tensor in. The buffer is the StagedOutput's, reused from
+    shard to shard (its pages are touched once), so memory holds one output shard
+    (safetensors' own save_file serialises the whole file again in memory first).
+    """
+
+    def __init__(
+        self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], buffers: ShardBuffer
+    ) -> None:
         if sys.byteorder != "little":
             raise BenchError("writing safetensors needs a little-endian machine")
         header: dict[str, object] = {}
@@ -117,19 +129,52 @@ class ShardWriter:
         header["__metadata__"] = METADATA
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self._file = open(path, "wb")  # noqa: SIM115 (closed by close())
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
-        self._pending = list(reversed(entries))
+        data_start = 8 + len(raw)
+        self._path = path
+        self._size = data_start + offset
+        self._buffer = buffers.get(self._size)
+        self._buffer[:data_start] = np.frombuffer(struct.pack("<Q", len(raw)) + raw, dtype=np.uint8)
+        self._slots = {
+            key: (dtype, tuple(shape), data_start + header[key]["data_offsets"][0]) for key, dtype, shape in entries
+        }
+        self._unfilled = set(self._slots)
+
+    def slot(self, key: str) -> torch.Tensor:
+        """The tensor's place in the shard (its dtype and shape), to be filled by the caller."""
+        dtype, shape, offset = self._slots[key]
+        self._unfilled.discard(key)
+        count = math.prod(shape)
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self._buffer, dtype=dtype, count=count, offset=offset).view(shape)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
-        want_key, dtype, shape = self._pending.pop()
-        if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise RuntimeError(f"shard writer: got {key} {tensor.dtype} {tuple(tensor.shape)}, expected {want_key}")
-        flat = tensor.detach().contiguous().reshape(-1)
-        if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        if key not in self._slots:
+            raise RuntimeError(f"shard writer: {key} is not in this shard")
+        dtype, shape, _ = self._slots[key]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise RuntimeError(
+                f"shard writer: got {key} {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}"
+            )
+        self.slot(key).copy_(tensor.detach())
 
     def close(self) -> None:
-        if self._pending:
-            raise RuntimeError(f"shard writer: {len(self._pending)} tensors were never written")
-        self._file.close()
+        if self._unfilled:
+            raise RuntimeError(f"shard writer: {len(self._unfilled)} tensors were never written")
+        view = memoryview(self._buffer)[: self._size]
+        with open(self._path, "wb", buffering=0) as f:
+            while view:
+                view = view[f.write(view) :]
+
+
+class ShardBuffer:
+    """The bytes of the shard being built, kept for the next one (grown when a shard is larger)."""
+
+    def __init__(self) -> None:
+        self._array: np.ndarray | None = None
+
+    def get(self, size: int) -> np.ndarray:
+        if self._array is None or self._array.size < size:
+            self._array = None  # release the smaller one first
+            self._array = np.empty(size, dtype=np.uint8)
+        return self._array
