@@ -1,8 +1,9 @@
 """``negmerge-bench report RUN_DIR``: tables, figures and a summary from a run's files alone.
 
-Reads results.csv, curves.csv, manifest.json (and ablation.csv if present); loads no model and
+Reads results.csv, curves.csv, manifest.json (and the ablation files if present); loads no model and
 recomputes nothing, so it takes seconds. Writes RUN_DIR/report/: LaTeX tables (pandas Styler,
-booktabs, best entry bold), figures as PDF and PNG (matplotlib), and summary.md.
+booktabs, a best entry bold only where it is beyond noise: bench.significance), figures as PDF and PNG
+(matplotlib), significance.csv and summary.md.
 """
 
 from __future__ import annotations
