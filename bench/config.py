@@ -304,7 +304,8 @@ POOL_TESTS = ("not", "glob")  # a filter value {not: v} or {glob: pattern}; else
 
 class PoolFilterCfg(Strict):
     """One named sub-pool of ``ablation.pools`` (docs/protocols.md#studies): the candidates whose
-    hyperparameters match ``where`` (hyperparameter -> value, list of values, {not: v} or {glob: p}),
+    hyperparameters match ``where`` (hyperparameter -> value, list of values, {not: v} or {glob: p},
+    p a pattern or a list of them),
     or an adversarial pick: the ``worst_forget_val`` candidates whose own selected forget Val is highest."""
 
     where: dict[str, Any] = {}
@@ -340,7 +341,8 @@ class PoolFilterCfg(Strict):
                 if have in banned:
                     return False
             elif isinstance(want, dict):
-                if have is None or not fnmatch.fnmatchcase(str(have), str(want["glob"])):
+                patterns = want["glob"] if isinstance(want["glob"], list) else [want["glob"]]
+                if have is None or not any(fnmatch.fnmatchcase(str(have), str(p)) for p in patterns):
                     return False
             elif have not in (want if isinstance(want, list) else [want]):
                 return False

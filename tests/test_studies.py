@@ -52,6 +52,11 @@ def test_sub_pool_filters_select_exactly_the_intended_candidates():
     assert [(by[k]["lr"], by[k]["randaug"]) for k in mixed] == [(0.0005, None), (0.0005, "rand-m10-n3-mstd0.5")]
     strong = _members({"randaug": {"glob": "rand-m1[0-9]-*"}}, entries)  # m10, not m1
     assert {by[k]["randaug"] for k in strong} == {"rand-m10-n3-mstd0.5"} and len(strong) == 2
+    either = _members({"randaug": {"glob": ["rand-m1-*", "rand-m5-*"]}, "lr": {"not": 0.0005}}, entries)
+    assert [(by[k]["lr"], by[k]["randaug"]) for k in either] == [
+        (0.0001, "rand-m1-n1-mstd0.5"),
+        (0.0001, "rand-m5-n2-mstd0.5"),
+    ]
 
 
 def test_adversarial_pool_is_the_k_worst_own_forget_val():
