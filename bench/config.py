@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -302,10 +302,127 @@ class MiaCfg(Strict):
     max_per_class: int = Field(2000, gt=1)
 
 
-class AblationCfg(Strict):
-    """Pool-size ablation: NegMerge over random subsets of the (cached) pool, N = each size, several draws."""
+class SignificanceCfg(Strict):
+    """``report.significance``: which methods every other is tested against, and how
+    (bench.significance, docs/metrics.md#significance). The report reads it from the manifest."""
 
-    sizes: list[int] = []  # empty: 2 .. K
+    reference: list[str] | None = None  # default: NegMerge, where the run has it
+    alpha: float = Field(0.05, gt=0, lt=1)
+    test: Literal["permutation", "bootstrap"] = "permutation"  # the one whose verdict counts
+    resamples: int = Field(9999, ge=99)
+    seed: int = 0  # of the resampling: the report is the same bytes every time
+
+
+class ReportCfg(Strict):
+    significance: SignificanceCfg = SignificanceCfg()
+
+
+def _check_reference(report: ReportCfg, methods: list[str] | None) -> None:
+    from baselines import find_method
+
+    for name in report.significance.reference or ():
+        method = find_method(name)
+        if methods is not None and name not in methods:
+            raise ValueError(f"report.significance.reference: {name!r} is not one of this run's methods")
+        if method is not None and method.kind == "reference":
+            raise ValueError(f"report.significance.reference: {name!r} is a reference row, not a method")
+
+
+POOL_TESTS = ("not", "glob")  # a filter value {not: v} or {glob: pattern}; else equal / one of a list
+
+
+class PoolFilterCfg(Strict):
+    """One named sub-pool of ``ablation.pools`` (docs/protocols.md#studies): the candidates whose
+    hyperparameters match ``where`` (hyperparameter -> value, list of values, {not: v} or {glob: p},
+    p a pattern or a list of them),
+    or an adversarial pick: the ``worst_forget_val`` candidates whose own selected forget Val is highest."""
+
+    where: dict[str, Any] = {}
+    worst_forget_val: int | None = Field(None, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, raw: Any) -> Any:
+        """``{randaug: null}`` is a filter; ``{adversarial: {worst_forget_val: k}}`` the adversarial pool."""
+        if isinstance(raw, dict) and set(raw) == {"adversarial"}:
+            return raw["adversarial"] if isinstance(raw["adversarial"], dict) else raw
+        if isinstance(raw, dict) and not ({"where", "worst_forget_val"} & set(raw)):
+            return {"where": raw}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PoolFilterCfg:
+        if bool(self.where) == (self.worst_forget_val is not None):
+            raise ValueError("give hyperparameter filters, or adversarial: {worst_forget_val: k}, not both or neither")
+        for key, value in self.where.items():
+            if isinstance(value, dict) and (len(value) != 1 or next(iter(value)) not in POOL_TESTS):
+                raise ValueError(f"{key}: a test is {{not: value}} or {{glob: pattern}}, got {value}")
+        return self
+
+    def matches(self, params: dict[str, Any]) -> bool:
+        """Whether a candidate with hyperparameters ``params`` belongs to this (filter) sub-pool."""
+        import fnmatch
+
+        for key, want in self.where.items():
+            have = params.get(key)
+            if isinstance(want, dict) and "not" in want:
+                banned = want["not"] if isinstance(want["not"], list) else [want["not"]]
+                if have in banned:
+                    return False
+            elif isinstance(want, dict):
+                patterns = want["glob"] if isinstance(want["glob"], list) else [want["glob"]]
+                if have is None or not any(fnmatch.fnmatchcase(str(have), str(p)) for p in patterns):
+                    return False
+            elif have not in (want if isinstance(want, list) else [want]):
+                return False
+        return True
+
+
+class StudiesCfg(Strict):
+    """The studies over one pool both protocols run (docs/protocols.md#studies): NegMerge at each
+    consensus threshold, and every merge over named sub-pools. Only merges and evaluations are new."""
+
+    thresholds: list[float] = []  # NegMerge's threshold t at each value, on the full pool
+    pools: dict[str, PoolFilterCfg] = {}
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_range(cls, values: list[float]) -> list[float]:
+        bad = [t for t in values if not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"thresholds: a consensus threshold is in (0, 1], got {bad[0]}")
+        if len(set(values)) != len(values):
+            raise ValueError("thresholds: a value is listed twice")
+        return values
+
+
+def check_pools(pools: dict[str, PoolFilterCfg], params: list[dict[str, Any]], known: set[str], where: str) -> None:
+    """Every filter names known hyperparameters and keeps at least 2 of the pool's ``params``; an
+    adversarial pick is no larger than the pool. Checked on load, before any work."""
+    for name, pool in pools.items():
+        unknown = sorted(set(pool.where) - known)
+        if unknown:
+            raise ValueError(
+                f"ablation.pools.{name}: unknown hyperparameter {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        if pool.worst_forget_val is not None and params and pool.worst_forget_val > len(params):
+            raise ValueError(
+                f"ablation.pools.{name}: worst_forget_val {pool.worst_forget_val} is more than the pool's "
+                f"{len(params)} candidates"
+            )
+        if pool.where and params:
+            kept = sum(pool.matches(p) for p in params)
+            if kept < 2:
+                raise ValueError(
+                    f"ablation.pools.{name}: the filter keeps {kept} of {len(params)}{where}; a merge needs 2"
+                )
+
+
+class AblationCfg(StudiesCfg):
+    """Protocol A's studies: the pool-size ablation (NegMerge over random subsets of the cached pool,
+    N = each size, several draws; ``sizes: null`` skips it), and the threshold and sub-pool studies."""
+
+    sizes: list[int] | None = []  # empty: 2 .. K; null: no pool-size ablation
     draws: int = Field(3, gt=0)
     seed: int = 0
     method: str = "negmerge"  # the merge whose pool-size dependence is measured
@@ -318,8 +435,8 @@ class AblationCfg(Strict):
 
     @field_validator("sizes")
     @classmethod
-    def _at_least_two(cls, sizes: list[int]) -> list[int]:
-        small = [n for n in sizes if n < 2]
+    def _at_least_two(cls, sizes: list[int] | None) -> list[int] | None:
+        small = [n for n in sizes or () if n < 2]
         if small:
             raise ValueError(f"a merge needs at least 2 candidates, got size {small[0]}")
         return sizes
@@ -389,6 +506,7 @@ class ClipSuite(MethodChecks):
     # default: a quarter of an accelerator's memory, 1 GiB of inputs on a CPU. Results never depend on it.
     eval_resident_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
     ablation: AblationCfg | None = None
+    report: ReportCfg = ReportCfg()
     progress: bool = True
 
     @field_validator("forget")
@@ -437,6 +555,15 @@ class ClipSuite(MethodChecks):
             raise ValueError("pool.from takes the pool from disk: drop finetune, or drop pool to fine-tune it")
         for dataset in self.forget if self.finetune is not None else ():
             _check_points(lambda dataset=dataset: self.finetune.points(0, self.finetune_per_dataset.get(dataset)))
+        _check_reference(self.report, self.methods)
+        if self.ablation is not None and self.ablation.pools:
+            if self.pool is not None and any(p.where for p in self.ablation.pools.values()):
+                raise ValueError(
+                    "ablation.pools: a pool from disk has no hyperparameters to filter; use adversarial pools"
+                )
+            for dataset in self.forget if self.finetune is not None else ():
+                points = self.finetune.points(0, self.finetune_per_dataset.get(dataset))
+                check_pools(self.ablation.pools, [asdict(p) for p in points], PARAM_FIELDS, f" candidates of {dataset}")
         return self
 
 
@@ -550,6 +677,8 @@ class ClassicSuite(MethodChecks):
     bn: Literal["keep", "recalibrate"] = "keep"
     selection: ClassicSelectionCfg = ClassicSelectionCfg(lambda_start=0.5, lambda_stop=4.0, lambda_step=0.5)
     mia: ClassicMiaCfg = ClassicMiaCfg()
+    ablation: StudiesCfg | None = None  # the threshold and sub-pool studies on the pool
+    report: ReportCfg = ReportCfg()
     progress: bool = True
 
     @model_validator(mode="before")
@@ -590,6 +719,16 @@ class ClassicSuite(MethodChecks):
                 raise ValueError("forget.classes: a class is listed twice")
             if len(self.forget.classes) >= n:
                 raise ValueError(f"forget.classes: forgetting all {n} classes leaves nothing to retain")
+        _check_reference(self.report, self.methods)
+        if self.ablation is not None and self.ablation.pools:
+            from bench.classic_train import SgdParams
+
+            if self.pool.from_ is not None and any(p.where for p in self.ablation.pools.values()):
+                raise ValueError(
+                    "ablation.pools: a pool from disk has no hyperparameters to filter; use adversarial pools"
+                )
+            points = [vars(p) for p in self.pool.points(0)] if self.pool.from_ is None else []
+            check_pools(self.ablation.pools, points, {f.name for f in fields(SgdParams)}, " candidates")
         return self
 
 

@@ -126,10 +126,13 @@ def plan_clip(cfg, count_flops: bool = True) -> Plan:
             reported = len(merges) + single + 1 + len(trained)  # + zero-shot
             n_trained = sum(len(settings) for settings in trained)
             plan.eval_images += val_pass * (1 + vectors * n_lambdas + n_trained) + test_pass * reported
-            if cfg.ablation is not None and len(points) > 2:
+            if cfg.ablation is not None and cfg.ablation.sizes is not None and len(points) > 2:
                 sizes = [n for n in (cfg.ablation.sizes or range(2, len(points) + 1)) if 2 <= n <= len(points)]
                 draws = sum(1 if n == len(points) else cfg.ablation.draws for n in sizes)
                 plan.eval_images += val_pass * n_lambdas * draws
+            if cfg.ablation is not None:  # the studies: a curve and a test pass per merge, no fine-tune
+                studied = len(cfg.ablation.thresholds) + len(cfg.ablation.pools) * len(merges)
+                plan.eval_images += (val_pass * n_lambdas + test_pass) * studied
     if count_flops:
         plan.flops_per_image = flops_per_image(cfg.backbone.name)
     return plan

@@ -31,6 +31,7 @@ from bench.metrics import avg_gap, membership_metrics
 from bench.pool import CandidatePool
 from bench.results import RunRecorder
 from bench.selection import Selection, floor_pick, lambda_grid, lowest
+from bench.studies import pool_members, study_row
 from bench.units import PRODUCE, Unit, training_methods, uses_pool
 from negmerge import apply, consensus_rate
 
@@ -346,6 +347,50 @@ class ClassicRun:
             lam, chosen, _ = self._sweep(row, method, vid, tau, seed)
             edge = lam == max(self.lambdas) if lam is not None else False
             self._record(row, method, chosen, lam, "no feasible lambda", seed, at_edge=edge)
+        if cfg.ablation is not None and (cfg.ablation.thresholds or cfg.ablation.pools):
+            with self.rec.timed("studies"):
+                self._studies(row, ok, seed)
+
+    def _studies(self, row: dict, ok: list, seed: int) -> None:
+        """The threshold study (NegMerge at each t, full pool) and the sub-pool study (every merge over
+        each named sub-pool), selected like the main rows, test metrics at the chosen lambda. Every
+        vector is a merge of pool entries already made: no model is trained here."""
+        cfg = self.cfg
+        points = []
+        base = get_method("negmerge").resolved(cfg.merge_params.get("negmerge", {}))
+        for t in cfg.ablation.thresholds:
+            points.append(("threshold", "negmerge", {**base, "threshold": t}, ok, {"pool": "full", "threshold": t}))
+        merges = [m for m in cfg.methods if get_method(m).kind == "merge"]
+        for name, pool in cfg.ablation.pools.items():
+            members = pool_members(name, pool, ok, lambda e: e.spec.get("params"), lambda: self._own_forget(ok, seed))
+            self.rec.study_pool(row, name, [e.key for e in members])
+            if len(members) < 2:
+                self.rec.note(f"seed {seed}: sub-pool {name} has {len(members)} candidates; skipped")
+                continue
+            for method in merges:
+                params = get_method(method).resolved(cfg.merge_params.get(method, {}))
+                points.append(("pool", method, params, members, {"pool": name}))
+        for study, method, params, members, tags in points:
+            merged = get_merge(method)([e.path for e in members], **params)
+            vid = vector_id(method, params, [e.key for e in members])
+            lam, chosen, val = self._sweep(row, method, vid, merged, seed, record=False)
+            metrics: dict[str, float] = {}
+            sel = Selection(None, None, None, False, "no feasible lambda")
+            if chosen is not None:
+                metrics = dict(self._evaluate(*chosen, seed))
+                metrics["avg_gap"] = avg_gap(metrics, self.retrain_metrics)
+                sel = Selection(lam, val["forget_acc"], val["test_acc"], lam == max(self.lambdas))
+            rate = consensus_rate(merged)
+            entry = study_row(row, study, method, len(members), rate, sel, metrics, "forget_acc", "test_acc", **tags)
+            (self.rec.thresholds if study == "threshold" else self.rec.pools).append(entry)
+
+    def _own_forget(self, ok: list, seed: int) -> list[float | None]:
+        """Each candidate's own selected forget Val (the single-best stage's evaluations, cached)."""
+        forget = []
+        for entry in ok:
+            _, chosen, val = self._sweep({}, "", entry.key, load_file(entry.path), seed, record=False)
+            forget.append(None if chosen is None else val["forget_acc"])
+        return forget
 
     def _single_best(self, row: dict, method: str, singles: list[tuple[str, Any]], seed: int) -> None:
         """Each candidate swept on its own; the best selected point across candidates, by the same rule."""
@@ -358,7 +403,8 @@ class ClassicRun:
         lam, chosen, _ = feasible[best]
         self._record(row, method, chosen, lam, "", seed, at_edge=lam == max(self.lambdas))
 
-    def _sweep(self, row: dict, method: str, vid: str, tau, seed: int):
+    def _sweep(self, row: dict, method: str, vid: str, tau, seed: int, record: bool = True):
+        """Every lambda scored on Val (cached), its curve recorded (``record``); the selected point."""
         scored = []
         for lam in self.lambdas:
 
@@ -367,9 +413,10 @@ class ClassicRun:
 
             mid = f"{vid}@{lam}"
             scored.append(((mid, model_fn), self._evaluate(mid, model_fn, seed, full=False)))
-        self.rec.curve(
-            row, method, self.lambdas, [m["forget_acc"] for _, m in scored], [m["test_acc"] for _, m in scored]
-        )
+        if record:
+            self.rec.curve(
+                row, method, self.lambdas, [m["forget_acc"] for _, m in scored], [m["test_acc"] for _, m in scored]
+            )
         best, _ = self._select(scored)
         if best is None:
             return None, None, None

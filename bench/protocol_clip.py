@@ -41,6 +41,7 @@ from bench.pretrain import pretrained_checkpoint
 from bench.progress import progress_bar
 from bench.results import RunRecorder
 from bench.selection import Selection, best_single, lambda_grid, select_lambda
+from bench.studies import pool_members, study_row
 from bench.units import PRODUCE, Unit, plan_units, training_methods, uses_pool
 from negmerge import consensus_rate, task_vector
 
@@ -522,9 +523,12 @@ class ClipRun:
             with self.rec.timed(f"lambda sweep {name} seed {seed}"):
                 self._single_best(ctx, ok)
                 self._sweep_merges(ctx, vectors)
-            if cfg.ablation is not None and len(ok) > 2:
+            if cfg.ablation is not None and cfg.ablation.sizes is not None and len(ok) > 2:
                 with self.rec.timed(f"pool-size ablation {name} seed {seed}"):
                     self._ablation(ctx, ok)
+            if cfg.ablation is not None and (cfg.ablation.thresholds or cfg.ablation.pools):
+                with self.rec.timed(f"studies {name} seed {seed}"):
+                    self._studies(ctx, ok)
         for method in training_methods(cfg):
             with self.rec.timed(f"{method} {name} seed {seed}"):
                 self._training_method(ctx, method)
@@ -647,6 +651,62 @@ class ClipRun:
                     "control_val": sel.control_val,
                 }
             )
+
+    def _studies(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
+        """The threshold study (NegMerge at each t, full pool) and the sub-pool study (every merge over
+        each named sub-pool), selected like the main rows, with test metrics at the chosen lambda. Every
+        vector is a merge of pool entries already made: no fine-tune runs here."""
+        studies = self.cfg.ablation
+        points: list[tuple[str, str, dict[str, Any], list[PoolEntry], dict[str, Any]]] = []
+        base = self._params("negmerge", "merge_params")
+        for t in studies.thresholds:
+            points.append(("threshold", "negmerge", {**base, "threshold": t}, ok, {"pool": "full", "threshold": t}))
+        merges = [m for m in self.cfg.methods if get_method(m).kind == "merge"]
+        for name, pool in studies.pools.items():
+            members = pool_members(name, pool, ok, lambda e: e.spec.get("params"), lambda: self._own_forget(ctx, ok))
+            self.rec.study_pool(ctx.row, name, [e.key for e in members])
+            if len(members) < 2:
+                self._later(
+                    partial(
+                        self.rec.note,
+                        f"{ctx.task.name} seed {ctx.seed}: sub-pool {name} has {len(members)} candidates; skipped",
+                    )
+                )
+                continue
+            for method in merges:
+                points.append(("pool", method, self._params(method, "merge_params"), members, {"pool": name}))
+        rates: dict[int, float] = {}
+
+        def merge(i: int) -> Mapping[str, torch.Tensor]:
+            _, method, params, members, _ = points[i]
+            merged = get_merge(method)([e.path for e in members], **params)
+            rates[i] = consensus_rate(merged)
+            return merged
+
+        vids = [vector_id(m, params, [e.key for e in members]) for _, m, params, members, _ in points]
+        curves = self._curves(
+            ctx, [(vid, partial(merge, i)) for i, vid in enumerate(vids)], f"studies: {len(points)} merges"
+        )
+        for i, ((study, method, _, members, tags), (fv, cv)) in enumerate(zip(points, curves, strict=True)):
+            if i not in rates:  # its curve was cached: the merge is made for its consensus rate only
+                merge(i)
+            sel = self._select(ctx, fv, cv)
+            test = None
+            if sel.feasible:
+                test = self._cached_test(vids[i], sel.lam, lambda i=i, lam=sel.lam: Edit(merge(i), -lam), ctx)
+            size = len(members)
+
+            def record(study=study, method=method, n=size, i=i, sel=sel, test=test, tags=tags):
+                metrics = test.result() if test is not None else {}
+                row = study_row(ctx.row, study, method, n, rates[i], sel, metrics, "forget_acc", "control_acc", **tags)
+                (self.rec.thresholds if study == "threshold" else self.rec.pools).append(row)
+
+            self._later(record)
+
+    def _own_forget(self, ctx: EvalContext, ok: list[PoolEntry]) -> list[float | None]:
+        """Each candidate's own selected forget Val (its curve is the single-best stage's, cached)."""
+        curves = self._curves(ctx, [(e.key, partial(load_file, e.path)) for e in ok], f"lambda: {len(ok)} candidates")
+        return [self._select(ctx, fv, cv).forget_val for fv, cv in curves]
 
     def _training_method(self, ctx: EvalContext, method: str) -> None:
         """A training-based method: every setting's model scored on Val, the floor rule picks one."""

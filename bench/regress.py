@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench.report import kind, load_run
+from bench.runfiles import load_run
 
 WORSE_IF = {
     "clip": {"forget_acc": +1, "control_acc": -1},
@@ -30,6 +30,14 @@ WORSE_IF = {
 # SVC on a one-dimensional feature; seed std of 2-4 points on the offline suites).
 MIN_TOLERANCE = {"mia_efficacy": 5.0}
 DEFAULT_MIN_TOLERANCE = 2.0
+
+
+def kind(method: str) -> str:
+    """The registry's kind of ``method`` (a method this checkout does not register is no reference)."""
+    from baselines import find_method
+
+    found = find_method(method)
+    return found.kind if found is not None else "unregistered"
 
 
 def _per_metric(results: pd.DataFrame) -> pd.DataFrame:

@@ -1,13 +1,13 @@
 """``negmerge-bench report RUN_DIR``: tables, figures and a summary from a run's files alone.
 
-Reads results.csv, curves.csv, manifest.json (and ablation.csv if present); loads no model and
+Reads results.csv, curves.csv, manifest.json (and the ablation files if present); loads no model and
 recomputes nothing, so it takes seconds. Writes RUN_DIR/report/: LaTeX tables (pandas Styler,
-booktabs, best entry bold), figures as PDF and PNG (matplotlib), and summary.md.
+booktabs, a best entry bold only where it is beyond noise: bench.significance), figures as PDF and PNG
+(matplotlib), significance.csv and summary.md.
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +19,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bench.errors import BenchError  # noqa: E402
 from bench.io import write_atomic, write_text_atomic  # noqa: E402
-from bench.results import RESULT_COLUMNS  # noqa: E402
+from bench.runfiles import load_run, read_table  # noqa: E402, F401  (load_run: the report's entry reads a run)
 from bench.sanity import classic_sanity  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
+from bench.significance import (  # noqa: E402
+    CLASSIC_METRICS,
+    CLIP_METRICS,
+    Settings,
+    better_by_noise,
+    classic_scores,
+    clip_scores,
+    compare_all,
+    describe,
+    references_of,
+    summary_lines,
+)
+from bench.studies import POOLS_FILE, THRESHOLD_FILE  # noqa: E402
 
 FALLBACK_COLOURS = ("tab:gray", "tab:brown", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
 
@@ -81,33 +93,6 @@ def _ordered(methods) -> list[str]:
     return sorted(methods, key=lambda m: order.index(m) if m in order else len(order))
 
 
-def load_run(run_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    run_dir = Path(run_dir)
-    for name in ("results.csv", "manifest.json"):
-        if not (run_dir / name).is_file():
-            raise BenchError(f"{run_dir} has no {name}: give the folder a `negmerge-bench run` wrote")
-    results = _read_table(run_dir / "results.csv", required=RESULT_COLUMNS)
-    curves_file = run_dir / "curves.csv"
-    curves = _read_table(curves_file) if curves_file.is_file() and curves_file.stat().st_size > 1 else pd.DataFrame()
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BenchError(f"{run_dir / 'manifest.json'} is damaged ({exc}); rerun the suite to rewrite it") from None
-    return results, curves, manifest
-
-
-def _read_table(path: Path, required: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
-    """A run's CSV, or one clear error naming the file when it is damaged."""
-    try:
-        table = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise BenchError(f"{path} is damaged ({str(exc).splitlines()[0]}); rerun the suite to rewrite it") from None
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise BenchError(f"{path} is damaged: column {missing[0]!r} is missing; rerun the suite to rewrite it")
-    return table
-
-
 def _save(fig, out: Path, stem: str) -> list[Path]:
     paths = [out / f"{stem}.pdf", out / f"{stem}.png"]
     fig.set_layout_engine("constrained")  # no title/label overlap between stacked panels
@@ -115,6 +100,11 @@ def _save(fig, out: Path, stem: str) -> list[Path]:
     write_atomic(paths[1], lambda f: fig.savefig(f, format="png", dpi=150), mode="wb")
     plt.close(fig)
     return paths
+
+
+def _tex(text: str) -> str:
+    """Plain text for a LaTeX caption."""
+    return text.replace("%", "\\%").replace("^n", "$^n$").replace("_", "\\_")
 
 
 def _bold(props_mask: pd.DataFrame) -> pd.DataFrame:
@@ -133,23 +123,35 @@ def clip_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(_ordered(table.index))
 
 
-def clip_latex(table: pd.DataFrame, manifest: dict) -> str:
+def clip_latex(table: pd.DataFrame, manifest: dict, results: pd.DataFrame) -> str:
+    """The table in LaTeX. A column's best entry (lowest forget, highest control) is bold only when a
+    paired test (bench.significance) puts it beyond noise against every other method of the column."""
     shown = table.rename(index=display).rename(
         columns={"forget_acc": r"$D_f\downarrow$", "control_acc": r"$D_r$"}, level=1
     )
-    forget_cols = [c for c in shown.columns if c[1] == r"$D_f\downarrow$"]
-    control_cols = [c for c in shown.columns if c[1] == r"$D_r$"]
-    candidates = [display(m) for m in table.index if kind(m) != "reference"]  # a reference is never "best"
+    settings = Settings.from_manifest(manifest)
+    scores = clip_scores(results)
+    candidates = [m for m in table.index if kind(m) != "reference"]  # a reference is never "best"
     mask = pd.DataFrame(False, index=shown.index, columns=shown.columns)
-    for col in forget_cols:
-        mask.loc[shown.loc[candidates, col].idxmin(), col] = True
-    for col in control_cols:
-        mask.loc[shown.loc[candidates, col].idxmax(), col] = True
+    for (dataset, metric), shown_col in zip(table.columns, shown.columns):
+        values = table.loc[candidates, (dataset, metric)]
+        if values.notna().sum() < 1:
+            continue
+        lower = CLIP_METRICS[metric]
+        best = values.idxmin() if lower else values.idxmax()
+        sub = scores[scores.metric == metric]
+        units = ["dataset", "seed"] if dataset == "Avg." else ["seed"]
+        if dataset != "Avg.":
+            sub = sub[sub.dataset == dataset]
+        if better_by_noise(sub, best, candidates, units, lower, settings):
+            mask.loc[display(best), shown_col] = True
     cfg = manifest["config"]
     caption = (
         f"Task negation on {cfg['backbone']['name']}: test top-1 (\\%) on each forget dataset ($D_f$, lower is "
         f"better) and on the control {cfg['control']} ($D_r$); $\\lambda$ chosen on Val with control floor "
-        f"{cfg['selection']['floor']}$\\times$ zero-shot. Seeds: {', '.join(map(str, cfg['seeds']))}. Best in bold."
+        f"{cfg['selection']['floor']}$\\times$ zero-shot. Seeds: {', '.join(map(str, cfg['seeds']))}. "
+        f"Bold: the best entry of a column, only where it is better than every other method there by "
+        f"{_tex(describe(settings, 'seeds (Avg.: datasets x seeds)'))}; a column without bold has no such entry."
     )
     styler = shown.style.format("{:.2f}", na_rep="--").apply(lambda _: _bold(mask), axis=None)
     return styler.to_latex(
@@ -302,6 +304,86 @@ def _ablation_figure(ablation: pd.DataFrame, out: Path, method: str) -> list[Pat
     return _save(fig, out, "consensus_vs_n")
 
 
+# -- the threshold and sub-pool studies (both protocols) -------------------------------------------
+def _study_panels(labels: tuple[str, str]) -> list[tuple[str, str, float]]:
+    """(column, y label, scale) of a study figure's panels: forget, control, consensus rate."""
+    return [
+        ("forget_test", f"{labels[0]} (%), test, selected lambda", 1.0),
+        ("control_test", f"{labels[1]} (%), test, selected lambda", 1.0),
+        ("consensus_rate", "consensus rate (% of elements kept)", 100.0),
+    ]
+
+
+def threshold_figure(rows: pd.DataFrame, out: Path, labels: tuple[str, str]) -> list[Path]:
+    """NegMerge's forget and control accuracy and consensus rate against the threshold t (mean over
+    seeds, one line per dataset)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ds in sorted(rows.dataset.unique()):
+        mean = rows[rows.dataset == ds].groupby("threshold")[["forget_test", "control_test", "consensus_rate"]].mean()
+        for ax, (col, ylabel, scale) in zip(axes, _study_panels(labels)):
+            ax.plot(mean.index, mean[col] * scale, marker="o", label=ds)
+            ax.set(xlabel="consensus threshold t", ylabel=ylabel)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("NegMerge against its threshold t (full pool; t = 1.0 is the released rule)")
+    return _save(fig, out, "threshold_study")
+
+
+def pools_figure(rows: pd.DataFrame, out: Path, labels: tuple[str, str]) -> list[Path]:
+    """Every merge over every sub-pool: forget and control accuracy at the selected lambda and the
+    consensus rate (mean over seeds), one row of panels per dataset."""
+    datasets = sorted(rows.dataset.unique())
+    pools = list(dict.fromkeys(rows["pool"]))
+    merges = _ordered(rows.method.unique())
+    fig, axes = plt.subplots(len(datasets), 3, figsize=(13, 3.4 * len(datasets)), squeeze=False)
+    width = 0.8 / max(1, len(merges))
+    x = np.arange(len(pools))
+    for row_axes, ds in zip(axes, datasets):
+        mean = (
+            rows[rows.dataset == ds]
+            .groupby(["pool", "method"])[["forget_test", "control_test", "consensus_rate"]]
+            .mean()
+        )
+        sizes = rows[rows.dataset == ds].groupby("pool").n.first()
+        for ax, (col, ylabel, scale) in zip(row_axes, _study_panels(labels)):
+            shown = []
+            for i, m in enumerate(merges):
+                values = [mean[col].get((p, m), np.nan) * scale for p in pools]
+                ax.bar(x + i * width, values, width, color=colour(m), label=plain(m))
+                shown += [v for v in values if np.isfinite(v)]
+            if shown and col != "consensus_rate":  # zoom to the values: the differences are the point
+                low, high = min(shown), max(shown)
+                pad = max(1.0, 0.15 * (high - low))
+                ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
+            ax.set_xticks(x + 0.4 - width / 2, [f"{p}\n(N={sizes.get(p, '?')})" for p in pools], fontsize=7)
+            ax.set(ylabel=ylabel, title=ds)
+            ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Merges over sub-pools of the same candidates")
+    return _save(fig, out, "pool_study")
+
+
+def studies_markdown(thresholds: pd.DataFrame | None, pools: pd.DataFrame | None) -> list[str]:
+    """summary.md's study tables (means over datasets and seeds)."""
+    lines: list[str] = []
+    cols = ["n", "lam", "forget_test", "control_test", "consensus_rate"]
+    if thresholds is not None and not thresholds.empty:
+        table = thresholds.groupby("threshold")[cols].mean()
+        table["consensus_rate"] *= 100
+        lines += ["## Threshold study (NegMerge, full pool)", "", table.round(2).to_markdown(), ""]
+    if pools is not None and not pools.empty:
+        table = pools.assign(merge=pools.method.map(plain)).groupby(["pool", "merge"], sort=False)[cols].mean()
+        table["consensus_rate"] *= 100
+        lines += ["## Sub-pool study", "", table.round(2).reset_index().to_markdown(index=False), ""]
+    return lines
+
+
+def _studies(run_dir: Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    files = [run_dir / THRESHOLD_FILE, run_dir / POOLS_FILE]
+    return tuple(read_table(f) if f.is_file() else None for f in files)
+
+
 # -- Protocol B ----------------------------------------------------------------------------------
 CLASSIC_COLS = {
     "retain_acc": r"$D_r$",
@@ -357,19 +439,29 @@ def classic_markdown(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, to
     return _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, total_seeds, plain)).to_markdown()
 
 
-def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict) -> str:
+def classic_latex(
+    mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict, results: pd.DataFrame
+) -> str:
+    """The table in LaTeX. A column's entry closest to Retrain (Avg. Gap: the lowest) is bold only when
+    a paired test over seeds of the per-seed distance to Retrain puts it beyond noise against every
+    other method (bench.significance)."""
     cfg = manifest["config"]
+    settings = Settings.from_manifest(manifest)
     cells = _mean_pm_std(mean, std, r" $\pm$ ")
     rivals = [m for m in mean.index if kind(m) != "reference"]
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
     target = next((m for m in references("target") if m in mean.index), None)
     if target is not None and rivals:
+        scores = classic_scores(results, target)
         for col in mean.columns:
             closeness = (
                 mean.loc[rivals, col] if col == "avg_gap" else (mean.loc[rivals, col] - mean.loc[target, col]).abs()
             )
-            if closeness.notna().any():
-                mask.loc[closeness.idxmin(), col] = True
+            if not closeness.notna().any():
+                continue
+            best = closeness.idxmin()
+            if better_by_noise(scores[scores.metric == col], best, rivals, ["seed"], True, settings):
+                mask.loc[best, col] = True
     labels = _row_labels(seeds, len(cfg["seeds"]), display)
     shown = cells.rename(index=labels, columns=CLASSIC_COLS)
     mask = mask.rename(index=labels, columns=CLASSIC_COLS)
@@ -383,7 +475,9 @@ def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manif
         f"{what} on {cfg['dataset']} with {cfg['model']['name']}: "
         f"accuracy (\\%) on $D_r$, $D_f$, $D_{{test}}$, MIA-efficacy, and the average gap to Retrain (lower is "
         f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {cfg['selection']['rule']} "
-        f"(floor {cfg['selection']['floor']}); BatchNorm: {cfg['bn']}. Closest to Retrain in bold."
+        f"(floor {cfg['selection']['floor']}); BatchNorm: {cfg['bn']}. Bold: the entry closest to Retrain, only where its per-seed distance to "
+        f"Retrain is smaller than every other method's by {_tex(describe(settings, 'seeds'))}; a column "
+        "without bold has no such entry."
     )
     styler = shown.style.apply(lambda _: _bold(mask), axis=None)
     return styler.to_latex(
@@ -451,9 +545,43 @@ def classic_figures(results: pd.DataFrame, curves: pd.DataFrame, out: Path, floo
 
 
 # -- entry point ---------------------------------------------------------------------------------
-def markdown_summary(results: pd.DataFrame, manifest: dict, table_md: str) -> str:
+def significance_table(results: pd.DataFrame, manifest: dict) -> tuple[pd.DataFrame, list[str]]:
+    """Every reference method against every other method, per metric (bench.significance): Protocol A
+    pooled over datasets x seeds and per dataset over seeds, Protocol B over seeds (the distance to
+    Retrain); and the summary's section on the pooled comparisons."""
+    settings = Settings.from_manifest(manifest)
+    methods = [m for m in _ordered(results.method.unique()) if kind(m) != "reference"]
+    refs = references_of(settings, methods)
+    if manifest["config"]["protocol"] == "clip":
+        scores = clip_scores(results)
+        pooled = compare_all(scores, refs, methods, CLIP_METRICS, ["dataset", "seed"], settings, "all datasets")
+        per_dataset = [
+            compare_all(scores[scores.dataset == ds], refs, methods, CLIP_METRICS, ["seed"], settings, ds)
+            for ds in sorted(scores.dataset.unique())
+        ]
+        table = pd.concat([pooled, *per_dataset], ignore_index=True)
+        lines = summary_lines(
+            pooled, settings, "datasets x seeds", "test accuracy (forget: lower is better, control: higher)"
+        )
+    else:
+        target = next((m for m in references("target") if m in set(results.method)), None)
+        scores = classic_scores(results, target)
+        table = compare_all(scores, refs, methods, CLASSIC_METRICS, ["seed"], settings, "all seeds")
+        lines = summary_lines(
+            table,
+            settings,
+            "seeds",
+            "the distance to Retrain per seed (|metric - Retrain's|; Avg. Gap itself; lower is better)",
+        )
+    return table, lines
+
+
+def markdown_summary(
+    results: pd.DataFrame, manifest: dict, table_md: str, significance: list[str] = (), studies: list[str] = ()
+) -> str:
     cfg = manifest["config"]
     lines = [f"# {cfg['name']} ({cfg['protocol']} protocol)", "", cfg.get("description", ""), "", table_md, ""]
+    lines += [*significance, *studies]
     sel = pd.DataFrame(manifest.get("selections", []))
     if not sel.empty:
         edge = sel[sel.get("at_grid_edge", False) == True]  # noqa: E712
@@ -482,7 +610,7 @@ def build_report(run_dir: Path) -> list[Path]:
     written: list[Path] = []
     if cfg["protocol"] == "clip":
         table = clip_table(results)
-        written.append(write_text_atomic(out / "table.tex", clip_latex(table, manifest)))
+        written.append(write_text_atomic(out / "table.tex", clip_latex(table, manifest, results)))
         ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
         ablated = (cfg.get("ablation") or {}).get("method", "negmerge")  # runs before the option: NegMerge
         written += clip_figures(results, curves, out, floor, ablation, ablated)
@@ -491,8 +619,17 @@ def build_report(run_dir: Path) -> list[Path]:
         table_md = md.to_markdown()
     else:
         mean, std, seeds = classic_table(results)
-        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest)))
+        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest, results)))
         written += classic_figures(results, curves, out, floor)
         table_md = classic_markdown(mean, std, seeds, len(cfg["seeds"]))
-    written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
+    thresholds, pools = _studies(run_dir)
+    labels = ("forget accuracy", "control accuracy") if cfg["protocol"] == "clip" else ("Df accuracy", "test accuracy")
+    if thresholds is not None and not thresholds.empty:
+        written += threshold_figure(thresholds, out, labels)
+    if pools is not None and not pools.empty:
+        written += pools_figure(pools, out, labels)
+    significance, significance_md = significance_table(results, manifest)
+    written.append(write_text_atomic(out / "significance.csv", significance.to_csv(index=False)))
+    summary = markdown_summary(results, manifest, table_md, significance_md, studies_markdown(thresholds, pools))
+    written.append(write_text_atomic(out / "summary.md", summary))
     return written

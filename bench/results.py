@@ -16,6 +16,7 @@ import pandas as pd
 
 from bench.io import write_json_atomic, write_text_atomic
 from bench.selection import Selection
+from bench.studies import POOLS_FILE, THRESHOLD_FILE
 
 RESULT_COLUMNS = [
     "suite",
@@ -81,6 +82,9 @@ class RunRecorder:
         self.notes: list[str] = []
         self.runtime: dict[str, str] = {}
         self.ablation: list[dict[str, Any]] = []
+        self.thresholds: list[dict[str, Any]] = []  # the threshold study (bench.studies)
+        self.pools: list[dict[str, Any]] = []  # the sub-pool study
+        self.study_pools: list[dict[str, Any]] = []  # which pool entries each sub-pool merged
         self.timings: dict[str, float] = {}
         self.cache_entries: dict[str, list[str]] = {}
         self.bad_images: list[dict[str, Any]] = []  # damaged images data.bad_images=skip left out
@@ -171,6 +175,25 @@ class RunRecorder:
             }
         )
 
+    def study_pool(self, row: dict, name: str, keys: list[str]) -> None:
+        self.study_pools.append({**row, "pool": name, "candidates": keys})
+
+    def _studies_manifest(self) -> dict[str, Any]:
+        """What the studies merged, and the proof that they trained nothing: every sub-pool's members
+        are entries of the pool, whose fine-tunes this run counted (made now or found in the cache)."""
+        tuned = [p for p in self.pool if p["role"] == "fine-tune"]
+        keys = {p["key"] for p in tuned}
+        return {
+            "pools": self.study_pools,
+            "fine_tunes": {
+                "pool_entries": len(tuned),
+                "computed": sum(not p["cached"] for p in tuned),
+                "sub_pool_members_outside_the_pool": sorted(
+                    {k for pool in self.study_pools for k in pool["candidates"]} - keys
+                ),
+            },
+        }
+
     def note(self, message: str) -> None:
         self.notes.append(message)
 
@@ -183,6 +206,9 @@ class RunRecorder:
         write_text_atomic(self.out / "curves.csv", pd.DataFrame(self.curves).to_csv(index=False))
         if self.ablation:
             write_text_atomic(self.out / "ablation.csv", pd.DataFrame(self.ablation).to_csv(index=False))
+        for name, rows in ((THRESHOLD_FILE, self.thresholds), (POOLS_FILE, self.pools)):
+            if rows:
+                write_text_atomic(self.out / name, pd.DataFrame(rows).to_csv(index=False))
         manifest = {
             "suite": self.cfg.name,
             "config": self.cfg.model_dump(),
@@ -201,4 +227,6 @@ class RunRecorder:
             "bad_images": self.bad_images,
             "cache_entries": self.cache_entries,  # what `cache gc --keep` keeps for this run
         }
+        if self.thresholds or self.pools or self.study_pools:
+            manifest["studies"] = self._studies_manifest()
         write_json_atomic(self.out / "manifest.json", manifest)

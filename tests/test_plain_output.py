@@ -116,13 +116,14 @@ def test_a_one_seed_mean_prints_without_a_spread(tmp_path):
             common.update(feasible=True, at_grid_edge=False, selection_rule="floor")
             for metric in ("retain_acc", "forget_acc", "test_acc", "mia_efficacy", "avg_gap"):
                 rows.append({**common, "split": "test", "metric": metric, "value": 50.0 + 2 * seed})
-    mean, std, seeds = classic_table(pd.DataFrame(rows, columns=RESULT_COLUMNS))
+    results = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    mean, std, seeds = classic_table(results)
     markdown = classic_markdown(mean, std, seeds, 2)
     rl = next(line for line in markdown.splitlines() if "RL" in line)
     assert "(1/2 seeds)" in rl and "50.00" in rl and "±" not in rl and "nan" not in rl
     retrain = next(line for line in markdown.splitlines() if "Retrain" in line)
     assert "51.00 ± 1.41" in retrain  # two seeds: mean ± sample std of 50 and 52
     manifest = classic_manifest([0, 1])
-    tex = classic_latex(mean, std, seeds, manifest)
+    tex = classic_latex(mean, std, seeds, manifest, results)
     rl_tex = next(line for line in tex.splitlines() if line.startswith("RL"))
     assert "nan" not in tex and r"\pm" not in rl_tex and "50.00" in rl_tex

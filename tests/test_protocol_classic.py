@@ -64,8 +64,8 @@ def test_every_method_with_mean_and_std_over_seeds(classic_run):
     """Every method has a result for every seed: its test metrics, or, where no setting kept the
     floor on that seed's Val (which setting does can differ between CPUs: RL on seed 1 on another
     machine), a Val row marked infeasible, with the reason in the manifest and its notes. The table
-    keeps every method, marks means over fewer seeds, and bolds the closest to Retrain."""
-    from tests.latex import assert_bold_is, body_rows
+    keeps every method, marks means over fewer seeds, and bolds nothing at 2 seeds."""
+    from tests.latex import body_rows, bold_cells
     from tests.results_shape import assert_reported
 
     results = pd.read_csv(classic_run / "results.csv")
@@ -82,15 +82,10 @@ def test_every_method_with_mean_and_std_over_seeds(classic_run):
     assert r"$\pm$" in table and r"\toprule" in table
     labels = {m: _table_label(m, n, len(seeds)) for m, n in feasible.items()}
     assert set(body_rows(table)) == set(labels.values())
-    # the bold cell of each column: the closest to Retrain (Avg. Gap: the lowest), from results.csv here
-    test = results[results.split == "test"]
-    mean = test.groupby(["method", "metric"]).value.mean().unstack()
-    rivals = mean.drop(["original", "retrain"])
-    expected = {}
-    for col, metric in enumerate(["retain_acc", "forget_acc", "test_acc", "mia_efficacy", "avg_gap"]):
-        closeness = rivals[metric] if metric == "avg_gap" else (rivals[metric] - mean.loc["retrain", metric]).abs()
-        expected[col] = {labels[m] for m in closeness.index[closeness <= closeness.min() + 1e-9]}
-    assert_bold_is(table, expected)
+    # a column's closest to Retrain is bold only beyond noise (docs/metrics.md#significance): with 2
+    # seeds a paired permutation test's smallest p is 2/4, so nothing is, and the caption says why
+    assert len(seeds) == 2 and bold_cells(table) == set()
+    assert "permutation" in table and "a column without bold has no such entry" in table
 
 
 @pytest.mark.integration

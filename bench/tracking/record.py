@@ -141,7 +141,15 @@ def read_run(run_dir: Path) -> RunRecord:
         "backbone": ",".join(str(b) for b in results.backbone.unique()),
         "device": str((manifest.get("runtime") or {}).get("device", "")),
     }
-    files = [run_dir / n for n in ("results.csv", "curves.csv", "manifest.json", "ablation.csv")]
+    names = (
+        "results.csv",
+        "curves.csv",
+        "manifest.json",
+        "ablation.csv",
+        "ablation_thresholds.csv",
+        "ablation_pools.csv",
+    )
+    files = [run_dir / n for n in names]
     report = run_dir / "report"
     report_files = sorted(p for p in report.iterdir() if p.is_file()) if report.is_dir() else []
     return RunRecord(
