@@ -2,7 +2,9 @@
 
 Reads results.csv, curves.csv, manifest.json (and ablation.csv if present); loads no model and
 recomputes nothing, so it takes seconds. Writes RUN_DIR/report/: LaTeX tables (pandas Styler,
-booktabs, best entry bold), figures as PDF and PNG (matplotlib), and summary.md.
+booktabs, best entry bold), figures as PDF and PNG (matplotlib), and summary.md. A run selected at
+several (rule, floor) criteria gets its main table and figures at the first, and one table
+(``table_RULE_floorF.tex``), trade-off figure and summary section per criterion.
 """
 
 from __future__ import annotations
@@ -133,7 +135,31 @@ def clip_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(_ordered(table.index))
 
 
-def clip_latex(table: pd.DataFrame, manifest: dict) -> str:
+def selection_floor(cfg: dict) -> float:
+    """The first (main) floor of a run's config: ``floor``, or the first of ``floors``."""
+    sel = cfg["selection"]
+    return sel["floor"] if "floor" in sel else sel["floors"][0]
+
+
+def run_criteria(results: pd.DataFrame) -> list[tuple[str, float]]:
+    """(selection rule, floor) of the selected rows, in the order the run wrote them: the first is the
+    main table's (bench.selection.criteria)."""
+    chosen = results[results.split.isin(["val", "test"]) & results.floor.notna()]
+    pairs = zip(chosen.selection_rule, chosen.floor.astype(float))
+    return list(dict.fromkeys(pairs))
+
+
+def at_criterion(results: pd.DataFrame, rule: str, floor: float) -> pd.DataFrame:
+    """The rows selected by (rule, floor), and the rows no selection made (consensus rates)."""
+    selected = (results.selection_rule == rule) & np.isclose(results.floor.astype(float), floor)
+    return results[selected | ~results.split.isin(["val", "test"])]
+
+
+def _tag(rule: str, floor: float) -> str:
+    return f"{rule.replace('-', '_')}_floor{floor:g}"
+
+
+def clip_latex(table: pd.DataFrame, manifest: dict, rule: str | None = None, floor: float | None = None) -> str:
     shown = table.rename(index=display).rename(
         columns={"forget_acc": r"$D_f\downarrow$", "control_acc": r"$D_r$"}, level=1
     )
@@ -146,10 +172,16 @@ def clip_latex(table: pd.DataFrame, manifest: dict) -> str:
     for col in control_cols:
         mask.loc[shown.loc[candidates, col].idxmax(), col] = True
     cfg = manifest["config"]
+    floor = selection_floor(cfg) if floor is None else floor
+    how = (
+        f"the largest $\\lambda$ keeping control Val $\\geq$ {floor}$\\times$ zero-shot (no forget data read)"
+        if rule == "control_only"
+        else f"$\\lambda$ chosen on Val with control floor {floor}$\\times$ zero-shot"
+    )
     caption = (
         f"Task negation on {cfg['backbone']['name']}: test top-1 (\\%) on each forget dataset ($D_f$, lower is "
-        f"better) and on the control {cfg['control']} ($D_r$); $\\lambda$ chosen on Val with control floor "
-        f"{cfg['selection']['floor']}$\\times$ zero-shot. Seeds: {', '.join(map(str, cfg['seeds']))}. Best in bold."
+        f"better) and on the control {cfg['control']} ($D_r$); {how}. "
+        f"Seeds: {', '.join(map(str, cfg['seeds']))}. Best in bold."
     )
     styler = shown.style.format("{:.2f}", na_rep="--").apply(lambda _: _bold(mask), axis=None)
     return styler.to_latex(
@@ -357,8 +389,17 @@ def classic_markdown(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, to
     return _mean_pm_std(mean, std, " ± ").rename(index=_row_labels(seeds, total_seeds, plain)).to_markdown()
 
 
-def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict) -> str:
+def classic_latex(
+    mean: pd.DataFrame,
+    std: pd.DataFrame,
+    seeds: pd.Series,
+    manifest: dict,
+    rule: str | None = None,
+    floor: float | None = None,
+) -> str:
     cfg = manifest["config"]
+    rule = cfg["selection"].get("rule", "floor") if rule is None else rule
+    floor = selection_floor(cfg) if floor is None else floor
     cells = _mean_pm_std(mean, std, r" $\pm$ ")
     rivals = [m for m in mean.index if kind(m) != "reference"]
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
@@ -382,8 +423,8 @@ def classic_latex(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manif
     caption = (
         f"{what} on {cfg['dataset']} with {cfg['model']['name']}: "
         f"accuracy (\\%) on $D_r$, $D_f$, $D_{{test}}$, MIA-efficacy, and the average gap to Retrain (lower is "
-        f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {cfg['selection']['rule']} "
-        f"(floor {cfg['selection']['floor']}); BatchNorm: {cfg['bn']}. Closest to Retrain in bold."
+        f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {rule.replace('_', ' ')} "
+        f"(floor {floor}); BatchNorm: {cfg['bn']}. Closest to Retrain in bold."
     )
     styler = shown.style.apply(lambda _: _bold(mask), axis=None)
     return styler.to_latex(
@@ -472,27 +513,73 @@ def markdown_summary(results: pd.DataFrame, manifest: dict, table_md: str) -> st
     return "\n".join(lines) + "\n"
 
 
+def _tables(results: pd.DataFrame, manifest: dict, rule: str | None, floor: float | None) -> tuple[str, str]:
+    """(LaTeX, markdown) of the test table of ``results`` (already at one criterion)."""
+    cfg = manifest["config"]
+    if cfg["protocol"] == "clip":
+        table = clip_table(results)
+        md = table.rename(index=plain).round(2)
+        md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
+        return clip_latex(table, manifest, rule, floor), md.to_markdown()
+    mean, std, seeds = classic_table(results)
+    return classic_latex(mean, std, seeds, manifest, rule, floor), classic_markdown(mean, std, seeds, len(cfg["seeds"]))
+
+
 def build_report(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     results, curves, manifest = load_run(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     cfg = manifest["config"]
-    floor = cfg["selection"]["floor"]
+    found = run_criteria(results)
+    several = len(found) > 1
+    main_rule, floor = found[0] if found else (None, selection_floor(cfg))
+    main = at_criterion(results, main_rule, floor) if several else results  # one criterion: every row
     written: list[Path] = []
+    tex, table_md = _tables(main, manifest, main_rule if several else None, floor if several else None)
+    written.append(write_text_atomic(out / "table.tex", tex))
     if cfg["protocol"] == "clip":
-        table = clip_table(results)
-        written.append(write_text_atomic(out / "table.tex", clip_latex(table, manifest)))
         ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
         ablated = (cfg.get("ablation") or {}).get("method", "negmerge")  # runs before the option: NegMerge
-        written += clip_figures(results, curves, out, floor, ablation, ablated)
-        md = table.rename(index=plain).round(2)
-        md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
-        table_md = md.to_markdown()
+        written += clip_figures(main, curves, out, floor, ablation, ablated)
     else:
-        mean, std, seeds = classic_table(results)
-        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest)))
-        written += classic_figures(results, curves, out, floor)
-        table_md = classic_markdown(mean, std, seeds, len(cfg["seeds"]))
-    written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
+        written += classic_figures(main, curves, out, floor)
+    if several:  # one table, trade-off figure and summary section per criterion
+        sections = [table_md]
+        for rule, f in found:
+            rows = at_criterion(results, rule, f)
+            tex, md = _tables(rows, manifest, rule, f)
+            written.append(write_text_atomic(out / f"table_{_tag(rule, f)}.tex", tex))
+            written += _criterion_figure(rows, cfg["protocol"], out, _tag(rule, f), f"{rule}, floor {f:g}")
+            sections += ["", f"## Selection: {rule}, floor {f:g}", "", md]
+        table_md = "\n".join(sections)
+    written.append(write_text_atomic(out / "summary.md", markdown_summary(main, manifest, table_md)))
     return written
+
+
+def _criterion_figure(results: pd.DataFrame, protocol: str, out: Path, tag: str, title: str) -> list[Path]:
+    """Test forget vs. control accuracy per method at one criterion (Protocol A: per dataset)."""
+    test = results[results.split == "test"]
+    control = "control_acc" if protocol == "clip" else "test_acc"
+    groups = sorted(test.dataset.unique()) if protocol == "clip" else [None]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, ds in zip(axes[0], groups):
+        sub = test if ds is None else test[test.dataset == ds]
+        means = sub.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
+        for m in _ordered(means.index):
+            if {control, "forget_acc"} <= set(means.columns) and means.loc[m, [control, "forget_acc"]].notna().all():
+                ax.scatter(
+                    means.loc[m, control],
+                    means.loc[m, "forget_acc"],
+                    color=colour(m),
+                    s=50,
+                    label=plain(m),
+                    marker=marker(m),
+                    edgecolor="k",
+                    linewidth=0.5,
+                )
+        ax.set(title=ds or title, xlabel=f"{control.replace('_', ' ')} (%), test", ylabel="forget accuracy (%), test")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Forgetting vs. retained accuracy ({title})")
+    return _save(fig, out, f"tradeoff_{tag}")
