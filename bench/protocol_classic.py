@@ -232,7 +232,7 @@ class ClassicRun:
         metrics["avg_gap"] = avg_gap(metrics, self.retrain_metrics)
         val = self._evaluate(mid, model_fn, seed, full=False)
         sel = Selection(lam, val["forget_acc"], val["test_acc"], at_edge)
-        self.rec.result(row, method, sel, metrics, crit.floor, rule=crit.rule)
+        self.rec.result(row, method, sel, metrics, crit.floor, chosen=mid, rule=crit.rule)
 
     # -- BN --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -498,9 +498,11 @@ def markdown_summary(results: pd.DataFrame, manifest: dict, table_md: str) -> st
     sel = pd.DataFrame(manifest.get("selections", []))
     if not sel.empty:
         edge = sel[sel.get("at_grid_edge", False) == True]  # noqa: E712
+        tagged = "floor" in sel and len(sel[["floor", "selection_rule"]].drop_duplicates()) > 1
         for _, r in edge.iterrows():
+            where = f" [{r['selection_rule']}, floor {r['floor']:g}]" if tagged else ""
             lines.append(
-                f"- warning: {r['dataset']} seed {r['seed']} {r['method']}: lambda {r['lam']} is at the grid's edge"
+                f"- warning: {r['dataset']} seed {r['seed']} {r['method']}: lambda {r['lam']} is at the grid's edge{where}"
             )
     if cfg["protocol"] == "classic":
         lines += [f"- warning: {problem}" for problem in classic_sanity(results)]

@@ -95,7 +95,12 @@ def test_single_and_list_forms_of_the_config():
     assert "floors" not in one.model_dump() and "rules" not in one.model_dump()  # an existing dump is unchanged
     many = load_suite("mini-clip-tiny", ["selection.floors=[0.95, 0.9, 0.8]", "selection.rules=[control_only]"])
     sel = many.selection
-    assert (sel.floor_list, sel.rule_list, sel.floor, sel.rule) == ([0.95, 0.9, 0.8], ["control_only"], 0.95, "control_only")
+    assert (sel.floor_list, sel.rule_list, sel.floor, sel.rule) == (
+        [0.95, 0.9, 0.8],
+        ["control_only"],
+        0.95,
+        "control_only",
+    )
     assert type(many).model_validate_json(many.model_dump_json()).selection == sel  # a worker reloads the dump
     classic = load_suite("mini-classic-tiny", ["selection.rules=[floor, avg_gap, control_only]"]).selection
     assert classic.rule_list == ["floor", "avg_gap", "control_only"]
@@ -131,3 +136,149 @@ def test_a_file_giving_floor_and_floors_is_refused(tmp_path):
         load_suite(str(path))
     # a --set of the list form replaces the file's single form
     assert load_suite("mini-clip-tiny", ["selection.floors=[0.9, 0.8]"]).selection.floor_list == [0.9, 0.8]
+
+
+# -- end to end: one run at several criteria against the single-criterion run -----------------------
+FLOORS = "selection.floors=[0.95, 0.9, 0.8]"
+CLIP_QUICK = ["methods=[zeroshot, single_best, negmerge, average, ga]", "mia.enabled=false"]
+CLASSIC_QUICK = ["seeds=[0]", "methods=[original, retrain, ga, single_best, negmerge]"]
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def _pair(suite: str, quick: list[str], rules: str, root, monkeypatch, seed_cache=None) -> tuple:
+    """The suite run at its one criterion, then at three floors x two rules in a cache holding the
+    first run's models and pool but no evaluation: both count their Val passes cold."""
+    import shutil
+
+    single_cache, multi_cache = root / "cache-single", root / "cache-multi"
+    single_cache.mkdir()
+    if seed_cache is not None:
+        shutil.copytree(seed_cache, single_cache / seed_cache.name)
+    monkeypatch.setenv("NEGMERGE_CACHE", str(single_cache))
+    assert main(["run", suite, *_sets(quick), "--out", str(root / "single")]) == 0
+    shutil.copytree(single_cache, multi_cache, ignore=lambda d, names: ["evals"] if d == str(single_cache) else [])
+    monkeypatch.setenv("NEGMERGE_CACHE", str(multi_cache))
+    assert main(["run", suite, *_sets([*quick, FLOORS, rules]), "--out", str(root / "multi")]) == 0
+    return root / "single", root / "multi"
+
+
+@pytest.fixture(scope="module")
+def clip_pair(tiny_backbone, tmp_path_factory, module_env):
+    rules = "selection.rules=[control-floor, control_only]"
+    return _pair(
+        "mini-clip-tiny", CLIP_QUICK, rules, tmp_path_factory.mktemp("floors-clip"), module_env, tiny_backbone.parent
+    )
+
+
+@pytest.fixture(scope="module")
+def classic_pair(tmp_path_factory, module_env):
+    rules = "selection.rules=[floor, control_only]"
+    return _pair("mini-classic-tiny", CLASSIC_QUICK, rules, tmp_path_factory.mktemp("floors-classic"), module_env)
+
+
+def _load(run):
+    import json
+
+    import pandas as pd
+
+    return pd.read_csv(run / "results.csv"), json.loads((run / "manifest.json").read_text())
+
+
+def _check_pair(single, multi, first_rule: str, second_rule: str) -> None:
+    import pandas as pd
+
+    one, m1 = _load(single)
+    many, m2 = _load(multi)
+    # every floor is selected from the same Val curves: not one Val pass more
+    assert m1["forward_passes"]["val"] == m2["forward_passes"]["val"] > 0
+    # the first criterion's rows (and the rows no selection made) are the single run's, byte for byte
+    first = many[((many.floor == 0.95) & (many.selection_rule == first_rule)) | many.floor.isna()]
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), one)
+    # every method at every criterion
+    selected = many[many.split == "val"]
+    wanted = {(rule, f) for rule in (first_rule, second_rule) for f in (0.95, 0.9, 0.8)}
+    for method, rows in selected.groupby("method"):
+        assert set(zip(rows.selection_rule, rows.floor)) == wanted, method
+    # one test evaluation per distinct selected point: criteria that agree share it
+    for manifest in (m1, m2):
+        feasible = pd.DataFrame(manifest["selections"]).query("feasible")
+        assert manifest["forward_passes"]["test"] == _distinct_points(feasible)
+    assert _distinct_points(feasible) < len(feasible)  # here some criteria do agree
+
+
+def _distinct_points(sel) -> int:
+    """Distinct (dataset, seed, evaluated model, lambda) among selections: what a test pass measures."""
+    from bench.report import kind
+
+    # Protocol A's references are all theta_0; a merge is its method; a chosen model is its key
+    model = [
+        c if isinstance(c, str) else ("theta_0" if kind(m) == "reference" else m)
+        for m, c in zip(sel.method, sel.chosen_candidate)
+    ]
+    return len(set(zip(sel.dataset, sel.seed, model, sel.lam)))
+
+
+@pytest.mark.integration
+def test_clip_several_floors_cost_no_val_pass_and_keep_the_single_floor_rows(clip_pair):
+    single, multi = clip_pair
+    _check_pair(single, multi, "control-floor", "control_only")
+
+
+@pytest.mark.integration
+def test_classic_several_floors_cost_no_val_pass_and_keep_the_single_floor_rows(classic_pair):
+    single, multi = classic_pair
+    _check_pair(single, multi, "floor", "control_only")
+
+
+@pytest.mark.integration
+def test_clip_control_only_is_the_largest_lambda_on_the_recorded_curves(clip_pair):
+    """Recomputed here from curves.csv and the zero-shot Val row alone."""
+    import pandas as pd
+
+    _, multi = clip_pair
+    results, curves = pd.read_csv(multi / "results.csv"), pd.read_csv(multi / "curves.csv")
+    val = results[(results.split == "val") & (results.selection_rule == "control_only")]
+    for (dataset, floor), rows in val.groupby(["dataset", "floor"]):
+        reference = rows.query("method == 'zeroshot' and metric == 'control_acc'").value.iloc[0]
+        for method in ("negmerge", "average"):
+            curve = curves[(curves.dataset == dataset) & (curves.method == method)]
+            expected = curve[curve.control_val + 1e-9 >= floor * reference].lam.max()
+            got = rows[(rows.method == method) & (rows.metric == "control_acc")]
+            assert got.lam.iloc[0] == pytest.approx(expected), (dataset, floor, method)
+            assert got.value.iloc[0] >= floor * reference - 1e-9
+
+
+@pytest.mark.integration
+def test_classic_control_only_is_the_largest_lambda_on_the_recorded_curves(classic_pair):
+    import pandas as pd
+
+    _, multi = classic_pair
+    results, curves = pd.read_csv(multi / "results.csv"), pd.read_csv(multi / "curves.csv")
+    val = results[(results.split == "val") & (results.selection_rule == "control_only")]
+    for floor, rows in val.groupby("floor"):
+        reference = rows.query("method == 'original' and metric == 'control_acc'").value.iloc[0]
+        curve = curves[curves.method == "negmerge"]
+        expected = curve[curve.control_val + 1e-9 >= floor * reference].lam.max()
+        assert rows.query("method == 'negmerge'").lam.iloc[0] == pytest.approx(expected), floor
+
+
+@pytest.mark.integration
+def test_report_and_regress_per_criterion(clip_pair, classic_pair):
+    from bench.regress import compare, is_regression
+
+    for single, multi in (clip_pair, classic_pair):
+        for run in (single, multi):
+            assert main(["report", str(run)]) == 0
+        # the main table is the first criterion's: the single run's table, word for word
+        assert (multi / "report" / "table.tex").read_text() == (single / "report" / "table.tex").read_text()
+        tables = sorted(p.name for p in (multi / "report").glob("table_*.tex"))
+        assert len(tables) == 6 and any("control_only_floor0.8" in t for t in tables), tables
+        assert "floor 0.9" in (multi / "report" / "summary.md").read_text()
+        assert not list((single / "report").glob("table_*.tex"))
+        # like with like: the single run's criterion is found in the multi run, the others are not in the single
+        assert not is_regression(compare(multi, single))
+        missing = compare(single, multi).query("status == 'MISSING'")
+        assert set(zip(missing.selection_rule, missing.floor)) >= {("control_only", 0.8)}
