@@ -547,13 +547,14 @@ def build_report(run_dir: Path) -> list[Path]:
     else:
         written += classic_figures(main, curves, out, floor)
     if several:  # one table, trade-off figure and summary section per criterion
-        sections = [table_md]
-        for rule, f in found:
+        sections = [f"Selection: {main_rule}, floor {floor:g} (the main table; the other criteria below)", "", table_md]
+        for i, (rule, f) in enumerate(found):
             rows = at_criterion(results, rule, f)
             tex, md = _tables(rows, manifest, rule, f)
             written.append(write_text_atomic(out / f"table_{_tag(rule, f)}.tex", tex))
             written += _criterion_figure(rows, cfg["protocol"], out, _tag(rule, f), f"{rule}, floor {f:g}")
-            sections += ["", f"## Selection: {rule}, floor {f:g}", "", md]
+            if i:
+                sections += ["", f"## Selection: {rule}, floor {f:g}", "", md]
         table_md = "\n".join(sections)
     written.append(write_text_atomic(out / "summary.md", markdown_summary(main, manifest, table_md)))
     return written

@@ -218,7 +218,7 @@ def _distinct_points(sel) -> int:
         c if isinstance(c, str) else ("theta_0" if kind(m) == "reference" else m)
         for m, c in zip(sel.method, sel.chosen_candidate)
     ]
-    return len(set(zip(sel.dataset, sel.seed, model, sel.lam)))
+    return len(set(zip(sel.dataset, sel.seed, model, sel.lam.fillna(-1.0))))  # no lambda: one key, not NaN != NaN
 
 
 @pytest.mark.integration
