@@ -235,6 +235,35 @@ class GridCfg(Strict):
         return out
 
 
+class PoolGridCfg(GridCfg):
+    """Protocol A's candidate pool: the fine-tuning grid, and how its candidates are trained and
+    evaluated. ``mode: linear`` fine-tunes the encoder's first-order Taylor expansion around theta_0
+    (bench.linearized); ``linear_eval`` says where its vectors are applied: on that linear model (the
+    literature's protocol) or, ``posthoc``, on the encoder itself. One pool holds one mode."""
+
+    mode: Literal["standard", "linear"] = "standard"
+    linear_eval: Literal["linear", "posthoc"] = "linear"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_not_an_axis(cls, raw: Any) -> Any:
+        for section in ("base", "grid"):
+            if isinstance(raw, dict) and isinstance(raw.get(section), dict) and "mode" in raw[section]:
+                raise ValueError(
+                    f"{section}.mode: the fine-tuning mode is not a hyperparameter of a candidate: set "
+                    "finetune.mode (one pool holds one mode; a second suite with the other mode gives the other pool)"
+                )
+        return raw
+
+    @model_validator(mode="after")
+    def _eval_needs_linear(self) -> PoolGridCfg:
+        if self.linear_eval != "linear" and self.mode != "linear":
+            raise ValueError(
+                f"linear_eval: {self.linear_eval} applies to linear candidates only: set finetune.mode: linear, or drop it"
+            )
+        return self
+
+
 class PoolFromCfg(Strict):
     """A candidate pool from a sweep already on disk (docs/checkpoints.md): ``from`` is a folder, glob
     or checkpoint list of the fine-tuned candidates, ``theta0`` the model they started from; both may
@@ -406,7 +435,7 @@ class ClipSuite(MethodChecks):
     forget: list[str]
     control: str
     data: DataCfg = DataCfg()
-    finetune: GridCfg | None = None  # the candidate pool's fine-tuning grid, or:
+    finetune: PoolGridCfg | None = None  # the candidate pool's fine-tuning grid (and mode), or:
     pool: PoolFromCfg | None = None  # the pool from a sweep on disk
     finetune_per_dataset: dict[str, dict[str, Any]] = {}
     baselines: dict[str, GridCfg] = {}  # training-based methods (ga) -> fine-tuning settings, selected on Val
@@ -583,6 +612,26 @@ class ClassicSuite(MethodChecks):
     selection: ClassicSelectionCfg = ClassicSelectionCfg(lambda_start=0.5, lambda_stop=4.0, lambda_step=0.5)
     mia: ClassicMiaCfg = ClassicMiaCfg()
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_linear_mode(cls, raw: Any) -> Any:
+        """Linearised fine-tuning (Protocol A's finetune.mode) is refused here with the reason; a
+        ``mode: standard`` is what Protocol B always does and is accepted."""
+        for section in ("pool", "finetune"):
+            node = raw.get(section) if isinstance(raw, dict) else None
+            if isinstance(node, dict) and "mode" in node:
+                if node["mode"] != "standard":
+                    raise ValueError(
+                        f"{section}.mode: {node['mode']!r} is not offered by Protocol B: every classifier it trains "
+                        "(small-resnet, mlp, resnet18-cifar, vgg16-bn) has BatchNorm, trained in train mode on batch "
+                        "statistics, so the first-order expansion in the weights is not the model trained or "
+                        "evaluated; drop the mode (linear fine-tuning is Protocol A's finetune.mode)"
+                    )
+                raw = {**raw, section: {k: v for k, v in node.items() if k != "mode"}}
+                if section == "finetune" and not raw[section]:
+                    raw.pop(section)
+        return raw
 
     @model_validator(mode="after")
     def _consistency(self) -> ClassicSuite:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench.backbones import Backbone
 from bench.data.registry import ImageSplit
 from bench.device import CPU, Runtime
+from bench.linearized import tangent
 
 # Budget of the normalised inputs on a CPU (an accelerator's default: RESIDENT_FRACTION of its memory,
 # uint8 uploads included). Past it (ViT-L at 224: 0.6 MB per image) splits are converted batch by batch.
@@ -46,7 +47,10 @@ class Evaluator:
 
     ``load(state)`` copies weights in; ``load_edit(tau, coef)`` writes theta_0 + coef * tau straight
     into the resident parameters (theta_0 and tau live on the device: no state-dict rebuild, no disk
-    read per lambda point; the same float32 ops as ``negmerge.apply``, so the same bits). Splits are
+    read per lambda point; the same float32 ops as ``negmerge.apply``, so the same bits);
+    ``load_edit(tau, coef, linear=True)`` keeps theta_0 and evaluates the encoder's linearisation,
+    f(x; theta_0) + J (coef * tau) (``bench.linearized``: the primal is the encoder's own forward,
+    so coef = 0 gives its bits). Splits are
     held on the device within ``budget`` bytes (``Residency``); ``copy_splits``: upload uint8 splits
     (default: on an accelerator; a CPU evaluates the host tensors in place).
     """
@@ -69,6 +73,7 @@ class Evaluator:
         self._theta0: dict[str, torch.Tensor] | None = None
         self._tau_source: Mapping[str, torch.Tensor] | None = None
         self._tau_resident: dict[str, torch.Tensor] = {}
+        self._delta: dict[str, torch.Tensor] | None = None  # a linear edit's coef * tau (None: the encoder)
         self._heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(head) -> (head, on the device)
         self.copy_splits = runtime.on_accelerator if copy_splits is None else copy_splits
         self.residency = Residency(resident_budget(runtime) if budget is None else budget)
@@ -95,15 +100,26 @@ class Evaluator:
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         if state.keys() != self.params.keys():
             self.visual.load_state_dict(state, strict=True)  # names the missing / unexpected keys
+        self._delta = None
         for k, p in self.params.items():
             p.copy_(state[k])
 
     @torch.no_grad()
-    def load_edit(self, tau: Mapping[str, torch.Tensor], coef: float) -> None:
-        """Weights = theta_0 + coef * tau, in place (theta_0 from ``set_base``)."""
+    def load_edit(self, tau: Mapping[str, torch.Tensor], coef: float, linear: bool = False) -> None:
+        """Weights = theta_0 + coef * tau, in place (theta_0 from ``set_base``); ``linear``: weights
+        theta_0, outputs f(theta_0) + J (coef * tau)."""
         if self._theta0 is None:
             raise RuntimeError("load_edit needs set_base(theta_0) first")
         resident = self._resident_vector(tau)
+        self._delta = None
+        if linear:
+            unknown = sorted(set(resident) - set(self.params))
+            if unknown:
+                raise ValueError(f"task vector: key {unknown[0]!r} is not a parameter of the image encoder")
+            for k, p in self.params.items():
+                p.copy_(self._theta0[k])
+            self._delta = {k: torch.mul(d, float(coef)) for k, d in resident.items()}
+            return
         for k, p in self.params.items():
             base = self._theta0[k]
             if k in resident:
@@ -175,6 +191,8 @@ class Evaluator:
         for x in batches:
             with self.rt.autocast():
                 features = self.forward(x)
+                if self._delta is not None:
+                    features = features + tangent(self.visual, self.params, self._delta, x)
             outs.append(self.scale * F.normalize(features.float(), dim=-1) @ head.T)
         if not outs:
             return torch.zeros(0, len(head))

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from baselines import get_merge, get_method
 from bench.backbones import Backbone, load_backbone, visual_state
+from bench.codehash import code_digest
 from bench.config import ClipSuite
 from bench.data import ImageSplit, TaskData, load_task, prepare_eval
 from bench.data.damaged import BadImageCheck
@@ -35,6 +36,7 @@ from bench.evaluate import Evaluator, resident_budget, top1
 from bench.finetune import FinetuneParams, finetune
 from bench.heads import cached_head
 from bench.lanes import Lanes, resolve_jobs
+from bench.linear_finetune import finetune_linear
 from bench.metrics import membership_metrics
 from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
@@ -47,10 +49,12 @@ from negmerge import consensus_rate, task_vector
 
 @dataclass(frozen=True)
 class Edit:
-    """theta_0 + coef * tau, applied by the evaluator in place on its device (no state dict is built)."""
+    """theta_0 + coef * tau, applied by the evaluator in place on its device (no state dict is built);
+    ``linear``: on the encoder's linearisation around theta_0, f(theta_0) + J (coef * tau)."""
 
     tau: Mapping[str, torch.Tensor]
     coef: float
+    linear: bool = False
 
 
 Weights = Mapping[str, torch.Tensor] | Edit
@@ -59,7 +63,7 @@ Weights = Mapping[str, torch.Tensor] | Edit
 def _load(ev: Evaluator, state: Weights) -> None:
     """Put ``state`` into the lane ``ev``: an edit in place, or a whole state dict."""
     if isinstance(state, Edit):
-        ev.load_edit(state.tau, state.coef)
+        ev.load_edit(state.tau, state.coef, linear=state.linear)
     else:
         ev.load(state)
 
@@ -72,6 +76,7 @@ class Grid:
     tag: str  # "fine-tune" (the candidate pool) or a training method's name
     data: ImageSplit
     direction: int  # 1 descends the loss, -1 ascends it
+    mode: str = "standard"  # "linear": the encoder's linearisation is trained (finetune.mode)
 
 
 @dataclass
@@ -128,6 +133,11 @@ class ClipRun:
         self.rec = RunRecorder(self.out, cfg, selection_rule=self.criteria[0].rule)
         self._tests: dict[str, Future[dict[str, float]]] = {}  # this run's test evaluations, by what they measured
         self.pool = CandidatePool(self.cache / "pool")
+        self.linear_pool = CandidatePool(self.cache / "pool", code_digest("bench.linear_finetune"))
+        linear = cfg.finetune is not None and cfg.finetune.mode == "linear"
+        # the pool's vectors (single best, merges, ablation) are applied to the linear model, except posthoc
+        self.linear_edits = linear and cfg.finetune.linear_eval == "linear"
+        self.vector_tag = {"eval": cfg.finetune.linear_eval} if linear else {}  # in their evaluations' keys
         self.lambdas = lambda_grid(cfg.selection.lambda_start, cfg.selection.lambda_stop, cfg.selection.lambda_step)
         self._pending: list[Callable[[], None]] = []  # recorder calls waiting for test metrics (_later)
         self._scoring: ThreadPoolExecutor | None = None  # the membership attacks, beside the lanes
@@ -157,7 +167,9 @@ class ClipRun:
         evaluation lanes as one queue, so no lane waits for the others at the end of each curve; each
         tau is made when its first point starts and dropped after its last. lambda = 0 is theta_0
         itself, whose scores the zero-shot stage has."""
-        whats = [{"curve": vid, "task": ctx.task.name, "lambdas": self.lambdas} for vid, _ in vectors]
+        whats = [
+            {"curve": vid, "task": ctx.task.name, "lambdas": self.lambdas, **self.vector_tag} for vid, _ in vectors
+        ]
         todo = [i for i, what in enumerate(whats) if self.evals.peek(what) is None]
         computed: dict[int, list[list[float]]] = {}
         if todo:
@@ -168,7 +180,7 @@ class ClipRun:
             def point(ev: Evaluator, item: tuple[int, float]) -> tuple[float, float]:
                 i, lam = item
                 try:
-                    return self._accuracy(Edit(held.get(i), -lam), "val", ctx, ev)
+                    return self._accuracy(Edit(held.get(i), -lam, self.linear_edits), "val", ctx, ev)
                 finally:
                     held.release(i)
 
@@ -184,11 +196,14 @@ class ClipRun:
             out.append((forget, control))
         return out
 
-    def _cached_test(self, vid: str, lam: float, state_fn, ctx: EvalContext) -> Future[dict[str, float]]:
+    def _cached_test(
+        self, vid: str, lam: float, state_fn, ctx: EvalContext, tag: Mapping[str, str] | None = None
+    ) -> Future[dict[str, float]]:
         """Test metrics at a selected point (cached). The logits are computed now, on the lanes; the
         scores (the membership attack fits an SVC: seconds of one core) on a background thread while
-        the lanes go on with the next stage. Whoever records them waits (``_later``)."""
-        what = {"test": vid, "lam": lam, "task": ctx.task.name, "seed": ctx.seed}
+        the lanes go on with the next stage. Whoever records them waits (``_later``). ``tag``: how the
+        pool's vectors are applied (``vector_tag``), for their evaluations' keys."""
+        what = {"test": vid, "lam": lam, "task": ctx.task.name, "seed": ctx.seed, **(tag or {})}
         key = json.dumps(what, sort_keys=True)
         if key not in self._tests:  # several criteria that chose the same point share one evaluation
             self._tests[key] = self._new_test(what, state_fn, ctx)
@@ -243,7 +258,7 @@ class ClipRun:
         """The fine-tuning settings a produce unit's kind names: the pool, or a training method's."""
         if unit.kind == "finetune":
             points = self.cfg.finetune.points(unit.seed, self.cfg.finetune_per_dataset.get(task.name))
-            return Grid(points, "fine-tune", task.train, 1)
+            return Grid(points, "fine-tune", task.train, 1, self.cfg.finetune.mode)
         method = unit.method
         recipe = (
             get_method(method)
@@ -256,6 +271,7 @@ class ClipRun:
 
     def _spec(self, grid: Grid, i: int, task: TaskData) -> dict[str, Any]:
         made_by = {} if grid.tag == "fine-tune" else {"method": grid.tag}  # pool keys predate the registry
+        mode = {} if grid.mode == "standard" else {"mode": grid.mode}  # standard keys: as before modes
         return {
             "backbone": self.backbone_id,
             "dataset": task.name,
@@ -266,6 +282,7 @@ class ClipRun:
             "precision": self.cfg.precision,
             **self.rt.key(),  # device kind, compile, deterministic (empty for a plain CPU run)
             **made_by,
+            **mode,
             **self._left_out(task),
         }
 
@@ -287,7 +304,7 @@ class ClipRun:
                 continue
 
             def make(params=params, i=i):
-                ft = finetune(
+                ft = (finetune_linear if grid.mode == "linear" else finetune)(
                     self.backbone,
                     head,
                     grid.data,
@@ -301,12 +318,17 @@ class ClipRun:
                 )
                 return task_vector(ft, self.theta0)
 
-            entry = self.pool.get_or_create(self._spec(grid, i, task), make)
+            entry = self._pool_of(grid).get_or_create(self._spec(grid, i, task), make)
             if entry.key in self.made_ahead:  # made by this run's own workers: computed, not reused
                 entry = replace(entry, cached=False)
             self.rec.pool_member(entry, grid.tag, params.label())
             entries.append(entry)
         return entries
+
+    def _pool_of(self, grid: Grid) -> CandidatePool:
+        """The cache of ``grid``'s entries: one folder, keyed by the code that makes them (linear
+        candidates: ``bench.linear_finetune``'s closure, so the standard keys stay as they were)."""
+        return self.linear_pool if grid.mode == "linear" else self.pool
 
     def _pool(self, seed: int, task: TaskData, head) -> list[PoolEntry]:
         if self.cfg.pool is not None:
@@ -335,7 +357,7 @@ class ClipRun:
         for u in units:
             task = tasks[u.dataset]
             grid = self._grid(u, task)
-            if not self.pool.has(self._spec(grid, u.index, task)):
+            if not self._pool_of(grid).has(self._spec(grid, u.index, task)):
                 missing.append(u)
                 params = grid.points[u.index]  # steps, doubled with RandAugment: longest first balances the processes
                 cost[u] = params.total_steps(len(grid.data)) * params.grad_accum * (2 if params.randaug else 1)
@@ -593,7 +615,13 @@ class ClipRun:
                 self._result(ctx, methods[0], singles[0], None, crit)
                 continue
             sel, tau = singles[best], taus[best]
-            test = self._cached_test(ok[best].key, sel.lam, lambda sel=sel, tau=tau: Edit(tau(), -sel.lam), ctx)
+            test = self._cached_test(
+                ok[best].key,
+                sel.lam,
+                lambda sel=sel, tau=tau: Edit(tau(), -sel.lam, self.linear_edits),
+                ctx,
+                self.vector_tag,
+            )
             self._result(ctx, methods[0], sel, test, crit, chosen=ok[best].key)
 
     def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
@@ -603,8 +631,8 @@ class ClipRun:
             self.rec.curve(ctx.row, method, self.lambdas, fv, cv)
             for crit in self.criteria:
                 sel = self._select(ctx, fv, cv, crit)
-                edit = partial(Edit, merged, -sel.lam) if sel.feasible else None
-                test = self._cached_test(vid, sel.lam, edit, ctx) if sel.feasible else None
+                edit = partial(Edit, merged, -sel.lam, self.linear_edits) if sel.feasible else None
+                test = self._cached_test(vid, sel.lam, edit, ctx, self.vector_tag) if sel.feasible else None
                 self._result(ctx, method, sel, test, crit)
 
     def _ablation(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
