@@ -18,6 +18,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -273,18 +274,77 @@ class PoolFromCfg(Strict):
     theta0: str = Field(min_length=1)
 
 
+def _in_unit_interval(v: float, what: str = "floor") -> float:
+    if not (0 < v <= 1):
+        raise ValueError(f"{what} must be in (0, 1], got {v}")
+    return v
+
+
 class SelectionCfg(Strict):
+    """The lambda grid and the selection criteria (docs/metrics.md#selection). ``floors`` / ``rules``
+    are lists whose single-value forms ``floor`` / ``rule`` stay valid; one form per field, not both.
+    Every (rule, floor) is selected from the same Val curves (``bench.selection.criteria``)."""
+
     lambda_start: float = 0.0
     lambda_stop: float = 1.0
     lambda_step: float = Field(0.05, gt=0)
     floor: float = 0.95
+    floors: list[float] | None = None  # several control floors, the first one the main table's
+    rule: Literal["control-floor", "control_only"] = "control-floor"
+    rules: list[Literal["control-floor", "control_only"]] | None = None
 
     @field_validator("floor")
     @classmethod
     def _floor_range(cls, v: float) -> float:
-        if not (0 < v <= 1):
-            raise ValueError(f"floor must be in (0, 1], got {v}")
+        return _in_unit_interval(v)
+
+    @field_validator("floors")
+    @classmethod
+    def _floors_range(cls, v: list[float] | None) -> list[float] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("floors: give at least one floor (or use floor: 0.95)")
+        for x in v:
+            _in_unit_interval(x, "every floor")
+        if len(set(v)) != len(v):
+            raise ValueError(f"floors: a floor is listed twice in {v}")
         return v
+
+    @field_validator("rules")
+    @classmethod
+    def _rules_listed_once(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("rules: give at least one rule (or use rule: ...)")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"rules: a rule is listed twice in {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_form_each(self) -> SelectionCfg:
+        for one, many in (("floor", "floors"), ("rule", "rules")):
+            if one in self.model_fields_set and many in self.model_fields_set and getattr(self, many) is not None:
+                raise ValueError(f"give {one} or {many}, not both (e.g. {many}: [...] alone)")
+            if getattr(self, many) is not None:  # the single form reads as the first of the list
+                object.__setattr__(self, one, getattr(self, many)[0])  # not marked as given: dumps stay one form
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_as_given(self, handler):
+        """The form the user gave, and only it: a dumped config validates again (a worker process
+        reloads it) and an existing suite's dump is what it was."""
+        out = handler(self)
+        for one, many in (("floor", "floors"), ("rule", "rules")):
+            out.pop(one if getattr(self, many) is not None else many, None)
+        return out
+
+    @property
+    def floor_list(self) -> list[float]:
+        return list(self.floors) if self.floors is not None else [self.floor]
+
+    @property
+    def rule_list(self) -> list[str]:
+        return list(self.rules) if self.rules is not None else [self.rule]
 
     @model_validator(mode="after")
     def _grid_not_empty(self) -> SelectionCfg:
@@ -645,7 +705,8 @@ class ForgetCfg(Strict):
 
 
 class ClassicSelectionCfg(SelectionCfg):
-    rule: Literal["floor", "avg_gap"] = "floor"
+    rule: Literal["floor", "avg_gap", "control_only"] = "floor"
+    rules: list[Literal["floor", "avg_gap", "control_only"]] | None = None
     retain_size: int = Field(1000, gt=0)  # Dr subsample scored at every lambda (a 1k set carries ~+-0.6 points)
 
 
@@ -747,6 +808,12 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
     except yaml.YAMLError as exc:
         problem = str(exc).splitlines()[0]
         raise BenchError(f"--set {assignment!r}: the value is not valid YAML ({problem})") from None
+    if parts[:-1] == ["selection"] and parts[-1] in ONE_OR_MANY:  # the command line replaces the file's form
+        node.pop(ONE_OR_MANY[parts[-1]], None)
+
+
+# selection's single and list forms of one field: an override of one replaces the other
+ONE_OR_MANY = {"floor": "floors", "floors": "floor", "rule": "rules", "rules": "rule"}
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -770,6 +837,10 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> ClipSui
         raise BenchError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
         raise BenchError(f"{path}: the top level must be a mapping of fields (protocol: ..., name: ...)")
+    given = [a.split("=", 1)[0] for a in overrides or []]
+    for one, many in (("floor", "floors"), ("rule", "rules")):
+        if f"selection.{one}" in given and f"selection.{many}" in given:
+            raise BenchError(f"--set selection.{one} and selection.{many}: give one of them, not both")
     for assignment in overrides or []:
         _apply_override(raw, assignment)
     protocol = raw.get("protocol")

@@ -30,7 +30,7 @@ from bench.io import write_json_atomic
 from bench.metrics import avg_gap, membership_metrics
 from bench.pool import CandidatePool
 from bench.results import RunRecorder
-from bench.selection import Selection, floor_pick, lambda_grid, lowest
+from bench.selection import Criterion, Selection, criteria, lambda_grid, lowest, pick
 from bench.studies import pool_members, study_row
 from bench.units import PRODUCE, Unit, training_methods, uses_pool
 from negmerge import apply, consensus_rate
@@ -78,7 +78,8 @@ class ClassicRun:
 
     def __init__(self, cfg: ClassicSuite, out: Path, cache: Path, unit: Unit | None = None) -> None:
         self.cfg, self.out, self.cache, self.unit = cfg, Path(out), Path(cache), unit
-        self.rec = RunRecorder(self.out, cfg, selection_rule=cfg.selection.rule)
+        self.criteria = criteria(cfg.selection.rule_list, cfg.selection.floor_list)  # the first: the main table's
+        self.rec = RunRecorder(self.out, cfg, selection_rule=self.criteria[0].rule)
         version = code_digest("bench.classic_train", "bench.classifiers")
         version += "" if cfg.precision == "fp32" else f"-{cfg.precision}"
         self.models = CandidatePool(self.cache / "classic-models", version)
@@ -157,12 +158,20 @@ class ClassicRun:
     def _evaluate(self, mid: str, model_fn, seed: int, full: bool = True) -> dict[str, float]:
         """Metrics of the model ``mid`` (built by ``model_fn`` only on a cache miss)."""
         what = {"model": mid, "full": full, "seed": seed, "df": self.df_hash, "bn": self.cfg.bn}
+        if not full and self._val_mia:  # the Val scores with MIA are another entry than those without
+            what["val_mia"] = True
         return self.evals.get_or_compute(what, lambda: self._metrics(model_fn(), seed, full))
+
+    @property
+    def _val_mia(self) -> bool:
+        """Selection needs MIA on Val only for the avg-gap rule (one of its four terms)."""
+        return "avg_gap" in self.cfg.selection.rule_list
 
     def _metrics(self, model: nn.Module, seed: int, full: bool = True) -> dict[str, float]:
         """Acc on Dr, Df, Dtest (and Val), MIA-efficacy and loss AUC. ``full=False``: the cheap
         selection-time version (Dr subsample, Val instead of test)."""
         d = self.data
+        self.rec.count_pass("test" if full else "val")
         dr = self.dr if full else self.dr_small
         out = {"retain_acc": _acc(logits_of(model, d, d.train_x[dr], runtime=self.rt), d.train_y[dr])}
         f_logits = logits_of(model, d, d.train_x[self.df], runtime=self.rt)
@@ -171,8 +180,8 @@ class ClassicRun:
         t_logits = logits_of(model, d, t_x, runtime=self.rt)
         out["test_acc"] = _acc(t_logits, t_y)
         out["val_acc"] = _acc(logits_of(model, d, d.val_x, runtime=self.rt), d.val_y) if full else out["test_acc"]
-        if not full and self.cfg.selection.rule == "floor":
-            return out  # the floor rule needs no MIA: skip the attack on every lambda
+        if not full and not self._val_mia:
+            return out  # the floor rules need no MIA: skip the attack on every lambda
         # MIA: the attacker learns retain members from test non-members (counts fixed by config) and
         # scores Df. Selection (full=False) takes its non-members from Val, never from the test split.
         m_idx = self.mia_members
@@ -188,13 +197,18 @@ class ClassicRun:
         )
         return out
 
-    def _select(self, scored: list[tuple[Any, dict[str, float]]]) -> tuple[int | None, str]:
-        """Index of the best (model or lambda) by the configured rule, on validation numbers."""
+    def _select(
+        self, scored: list[tuple[Any, dict[str, float]]], crit: Criterion, along_lambda: bool = False
+    ) -> tuple[int | None, str]:
+        """Index of the best (model or lambda) by ``crit``, on validation numbers. ``along_lambda``:
+        ``scored`` is a lambda sweep in increasing lambda (the control-only rule takes its last
+        feasible point; among settings, the feasible one with the lowest Val accuracy)."""
         metrics = [m for _, m in scored]
-        if self.cfg.selection.rule == "avg_gap":
+        if crit.rule == "avg_gap":
             return lowest([avg_gap(m, self.retrain_val) for m in metrics]), ""
-        floor, reference = self.cfg.selection.floor, self.original_val["test_acc"]
-        best = floor_pick([m["forget_acc"] for m in metrics], [m["test_acc"] for m in metrics], reference, floor)
+        floor, reference = crit.floor, self.original_val["test_acc"]
+        forget = [m["forget_acc"] for m in metrics] if crit.rule == "floor" else []  # control_only reads none
+        best = pick(crit.rule, forget, [m["test_acc"] for m in metrics], reference, floor, along_lambda)
         reason = "" if best is not None else f"no setting keeps Val acc >= {floor} x Original's {reference:.2f}"
         return best, reason
 
@@ -206,18 +220,20 @@ class ClassicRun:
         lam: float | None,
         reason: str,
         seed: int,
+        crit: Criterion,
         at_edge: bool = False,
     ) -> None:
-        """``chosen``: (model id, model factory) of the selected model, or None when none qualified."""
+        """``chosen``: (model id, model factory) of the selected model, or None when none qualified.
+        Criteria that chose the same model share its (cached) test evaluation."""
         if chosen is None:
-            self.rec.result(row, method, Selection(None, None, None, False, reason), {}, self.cfg.selection.floor)
+            self.rec.result(row, method, Selection(None, None, None, False, reason), {}, crit.floor, rule=crit.rule)
             return
         mid, model_fn = chosen
         metrics = dict(self._evaluate(mid, model_fn, seed))
         metrics["avg_gap"] = avg_gap(metrics, self.retrain_metrics)
         val = self._evaluate(mid, model_fn, seed, full=False)
         sel = Selection(lam, val["forget_acc"], val["test_acc"], at_edge)
-        self.rec.result(row, method, sel, metrics, self.cfg.selection.floor)
+        self.rec.result(row, method, sel, metrics, crit.floor, chosen=mid, rule=crit.rule)
 
     # -- BN --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -247,8 +263,9 @@ class ClassicRun:
                 return self._model_from(load_file(entry.path))
 
             candidates.append(((entry.key, model_fn), self._evaluate(entry.key, model_fn, seed, full=False)))
-        best, reason = self._select(candidates) if candidates else (None, f"every {method} setting diverged")
-        self._record(row, method, candidates[best][0] if best is not None else None, None, reason, seed)
+        for crit in self.criteria:
+            best, reason = self._select(candidates, crit) if candidates else (None, f"every {method} setting diverged")
+            self._record(row, method, candidates[best][0] if best is not None else None, None, reason, seed, crit)
 
     def _baseline_entry(self, method: str, params, seed: int):
         """One setting of a training-based method (``baselines``), trained from the Original (cached)."""
@@ -344,9 +361,10 @@ class ClassicRun:
         if single:
             self._single_best(row, single[0], [(e.key, load_file(e.path)) for e in ok], seed)
         for method, (vid, tau) in vectors.items():
-            lam, chosen, _ = self._sweep(row, method, vid, tau, seed)
-            edge = lam == max(self.lambdas) if lam is not None else False
-            self._record(row, method, chosen, lam, "no feasible lambda", seed, at_edge=edge)
+            picks = self._sweep(row, method, vid, tau, seed)
+            for crit, (lam, chosen, _) in zip(self.criteria, picks, strict=True):
+                edge = lam == max(self.lambdas) if lam is not None else False
+                self._record(row, method, chosen, lam, "no feasible lambda", seed, crit, at_edge=edge)
         if cfg.ablation is not None and (cfg.ablation.thresholds or cfg.ablation.pools):
             with self.rec.timed("studies"):
                 self._studies(row, ok, seed)
@@ -373,7 +391,7 @@ class ClassicRun:
         for study, method, params, members, tags in points:
             merged = get_merge(method)([e.path for e in members], **params)
             vid = vector_id(method, params, [e.key for e in members])
-            lam, chosen, val = self._sweep(row, method, vid, merged, seed, record=False)
+            lam, chosen, val = self._sweep(row, method, vid, merged, seed, record=False)[0]  # the first criterion
             metrics: dict[str, float] = {}
             sel = Selection(None, None, None, False, "no feasible lambda")
             if chosen is not None:
@@ -388,23 +406,27 @@ class ClassicRun:
         """Each candidate's own selected forget Val (the single-best stage's evaluations, cached)."""
         forget = []
         for entry in ok:
-            _, chosen, val = self._sweep({}, "", entry.key, load_file(entry.path), seed, record=False)
+            _, chosen, val = self._sweep({}, "", entry.key, load_file(entry.path), seed, record=False)[0]
             forget.append(None if chosen is None else val["forget_acc"])
         return forget
 
     def _single_best(self, row: dict, method: str, singles: list[tuple[str, Any]], seed: int) -> None:
         """Each candidate swept on its own; the best selected point across candidates, by the same rule."""
         swept = [self._sweep(row, f"candidate:{j}", vid, tau, seed) for j, (vid, tau) in enumerate(singles)]
-        feasible = [(lam, chosen, val) for lam, chosen, val in swept if chosen is not None]
-        best, _ = self._select([(None, val) for _, _, val in feasible]) if feasible else (None, "")
-        if best is None:
-            self._record(row, method, None, None, "no candidate has a feasible lambda", seed)
-            return
-        lam, chosen, _ = feasible[best]
-        self._record(row, method, chosen, lam, "", seed, at_edge=lam == max(self.lambdas))
+        for c, crit in enumerate(self.criteria):
+            feasible = [picks[c] for picks in swept if picks[c][1] is not None]
+            best, _ = self._select([(None, val) for _, _, val in feasible], crit) if feasible else (None, "")
+            if best is None:
+                self._record(row, method, None, None, "no candidate has a feasible lambda", seed, crit)
+                continue
+            lam, chosen, _ = feasible[best]
+            self._record(row, method, chosen, lam, "", seed, crit, at_edge=lam == max(self.lambdas))
 
-    def _sweep(self, row: dict, method: str, vid: str, tau, seed: int, record: bool = True):
-        """Every lambda scored on Val (cached), its curve recorded (``record``); the selected point."""
+    def _sweep(
+        self, row: dict, method: str, vid: str, tau, seed: int, record: bool = True
+    ) -> list[tuple[Any, Any, Any]]:
+        """Every lambda scored on Val once, its curve recorded (``record``); per criterion, (lambda,
+        (model id, factory), Val metrics) of its pick, or Nones where nothing is feasible."""
         scored = []
         for lam in self.lambdas:
 
@@ -417,10 +439,11 @@ class ClassicRun:
             self.rec.curve(
                 row, method, self.lambdas, [m["forget_acc"] for _, m in scored], [m["test_acc"] for _, m in scored]
             )
-        best, _ = self._select(scored)
-        if best is None:
-            return None, None, None
-        return self.lambdas[best], scored[best][0], scored[best][1]
+        picks = []
+        for crit in self.criteria:
+            best, _ = self._select(scored, crit, along_lambda=True)
+            picks.append((None, None, None) if best is None else (self.lambdas[best], scored[best][0], scored[best][1]))
+        return picks
 
     # -- main ------------------------------------------------------------------------------------
     def _setup_seed(self, seed: int) -> None:
@@ -485,7 +508,8 @@ class ClassicRun:
             references = {"before": original, "target": retrain}
             for method in cfg.methods:
                 if get_method(method).kind == "reference":
-                    self._record(row, method, references[get_method(method).role], None, "", seed)
+                    for crit in self.criteria:
+                        self._record(row, method, references[get_method(method).role], None, "", seed, crit)
             for method in training_methods(cfg):
                 with self.rec.timed(method):
                     self._baseline(row, method, seed)
@@ -493,8 +517,9 @@ class ClassicRun:
                 with self.rec.timed("task vectors"):
                     self._task_vectors(row, seed)
         self.rec.cache_entries["evals"] = sorted(self.evals.used)
-        self.rec.note(
-            f"BatchNorm statistics: {cfg.bn}; selection rule: {cfg.selection.rule}; floor {cfg.selection.floor}"
-        )
+        sel = cfg.selection
+        rules, floors = ", ".join(sel.rule_list), ", ".join(map(str, sel.floor_list))
+        plural = "s" * (len(sel.rule_list) > 1), "s" * (len(sel.floor_list) > 1)
+        self.rec.note(f"BatchNorm statistics: {cfg.bn}; selection rule{plural[0]}: {rules}; floor{plural[1]} {floors}")
         self.rec.finish()
         return self.rec

@@ -2,13 +2,15 @@
 
 For each seed and forget dataset, in stages: zero-shot reference; fine-tune the pool (cached); build
 every merge's task vector from the same pool; sweep lambda on Val and select by the control-floor rule
-(``bench.selection``); evaluate the test splits once at the chosen lambda, with membership inference;
+(``bench.selection``, at every configured rule and floor, all from the same Val curves); evaluate the
+test splits once per distinct chosen lambda, with membership inference;
 the pool-size ablation; and the training-based methods (``baselines``), each a grid selected on Val.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -40,7 +42,7 @@ from bench.pool import CandidatePool, PoolEntry
 from bench.pretrain import pretrained_checkpoint
 from bench.progress import progress_bar
 from bench.results import RunRecorder
-from bench.selection import Selection, best_single, lambda_grid, select_lambda
+from bench.selection import Criterion, Selection, best_single, criteria, lambda_grid, select_lambda
 from bench.studies import pool_members, study_row
 from bench.units import PRODUCE, Unit, plan_units, training_methods, uses_pool
 from negmerge import consensus_rate, task_vector
@@ -128,7 +130,9 @@ class ClipRun:
         """``unit``: run just that work unit; ``producer``: a worker that makes pool entries on demand."""
         self.cfg, self.out, self.cache, self.unit, self.producer = cfg, Path(out), Path(cache), unit, producer
         self.made_ahead: set[str] = set()  # pool keys this run's producers made (bench.producers)
-        self.rec = RunRecorder(self.out, cfg)
+        self.criteria = criteria(cfg.selection.rule_list, cfg.selection.floor_list)  # the first: the main table's
+        self.rec = RunRecorder(self.out, cfg, selection_rule=self.criteria[0].rule)
+        self._tests: dict[str, Future[dict[str, float]]] = {}  # this run's test evaluations, by what they measured
         self.pool = CandidatePool(self.cache / "pool")
         self.linear_pool = CandidatePool(self.cache / "pool", code_digest("bench.linear_finetune"))
         linear = cfg.finetune is not None and cfg.finetune.mode == "linear"
@@ -146,6 +150,8 @@ class ClipRun:
         """(forget, control) top-1 of ``state`` on ``split_name`` (val or test): on lane ``ev`` (a sweep's
         point), or spread over all lanes in batch-aligned chunks (a single evaluation)."""
         f_split, c_split = getattr(ctx.task, split_name), getattr(ctx.control, split_name)
+        if split_name == "val":
+            self.rec.count_pass("val")
         jobs = [(f_split, ctx.head), (c_split, ctx.head_c)]
         if ev is None:
             logits = self.lanes.logits(lambda lane: _load(lane, state), jobs)
@@ -199,7 +205,12 @@ class ClipRun:
         the lanes go on with the next stage. Whoever records them waits (``_later``). ``tag``: how the
         pool's vectors are applied (``vector_tag``), for their evaluations' keys."""
         what = {"test": vid, "lam": lam, "task": ctx.task.name, "seed": ctx.seed, **(tag or {})}
+        key = json.dumps(what, sort_keys=True)
+        if key not in self._tests:  # several criteria that chose the same point share one evaluation
+            self._tests[key] = self._new_test(what, state_fn, ctx)
+        return self._tests[key]
 
+    def _new_test(self, what: dict[str, Any], state_fn, ctx: EvalContext) -> Future[dict[str, float]]:
         def compute_here() -> dict[str, float]:
             return self._test_scores(self._test_logits(state_fn(), ctx), ctx)
 
@@ -214,6 +225,7 @@ class ClipRun:
         """Logits of the forget and control test splits (and, with MIA on, of the forget set's training
         split), each split computed once, spread over the evaluation lanes."""
         task = ctx.task
+        self.rec.count_pass("test")
         jobs = [(task.test, ctx.head), (ctx.control.test, ctx.head_c)]
         if self.cfg.mia.enabled:
             jobs.append((task.train_eval, ctx.head))
@@ -542,7 +554,8 @@ class ClipRun:
         test = self._cached_test("zero-shot", 0.0, lambda: self.theta0, ctx)
         for method in self.cfg.methods:
             if get_method(method).kind == "reference":
-                self._result(ctx, method, Selection(0.0, forget_val, ctx.zs_control_val, False), test)
+                for crit in self.criteria:
+                    self._result(ctx, method, Selection(0.0, forget_val, ctx.zs_control_val, False), test, crit)
 
     def _merges(self, ctx: EvalContext, ok: list[PoolEntry]) -> dict[str, tuple[str, Any]]:
         """Every merge method's vector from the same pool: method -> (vector id, vector)."""
@@ -563,19 +576,30 @@ class ClipRun:
         self._pending.append(record)
 
     def _result(
-        self, ctx: EvalContext, method: str, sel: Selection, test: Future | None, chosen: str | None = None
+        self,
+        ctx: EvalContext,
+        method: str,
+        sel: Selection,
+        test: Future | None,
+        crit: Criterion,
+        chosen: str | None = None,
     ) -> None:
-        floor = self.cfg.selection.floor
-        self._later(lambda: self.rec.result(ctx.row, method, sel, test.result() if test else {}, floor, chosen=chosen))
+        self._later(
+            lambda: self.rec.result(
+                ctx.row, method, sel, test.result() if test else {}, crit.floor, chosen=chosen, rule=crit.rule
+            )
+        )
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         for record in pending:
             record()
 
-    def _select(self, ctx: EvalContext, forget: list[float], control: list[float], lambdas=None) -> Selection:
+    def _select(
+        self, ctx: EvalContext, forget: list[float], control: list[float], crit: Criterion, lambdas=None
+    ) -> Selection:
         lambdas = self.lambdas if lambdas is None else lambdas
-        return select_lambda(lambdas, forget, control, ctx.zs_control_val, self.cfg.selection.floor)
+        return select_lambda(lambdas, forget, control, ctx.zs_control_val, crit.floor, crit.rule)
 
     def _single_best(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
         """Each candidate swept on its own; reported: the candidate whose selected point forgets most."""
@@ -586,29 +610,34 @@ class ClipRun:
         curves = self._curves(
             ctx, [(e.key, tau) for e, tau in zip(ok, taus, strict=True)], f"lambda: {len(ok)} candidates"
         )
-        singles = []
-        for j, (entry, tau, (fv, cv)) in enumerate(zip(ok, taus, curves, strict=True)):
+        for j, (entry, (fv, cv)) in enumerate(zip(ok, curves, strict=True)):
             self.rec.curve(ctx.row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
-            singles.append((self._select(ctx, fv, cv), tau))
-        best = best_single([s for s, _ in singles])
-        if best is None:
-            self._result(ctx, methods[0], singles[0][0], None)
-            return
-        sel, tau = singles[best]
-        test = self._cached_test(
-            ok[best].key, sel.lam, lambda: Edit(tau(), -sel.lam, self.linear_edits), ctx, self.vector_tag
-        )
-        self._result(ctx, methods[0], sel, test, chosen=ok[best].key)
+        for crit in self.criteria:
+            singles = [self._select(ctx, fv, cv, crit) for fv, cv in curves]
+            best = best_single(singles, crit.rule)
+            if best is None:
+                self._result(ctx, methods[0], singles[0], None, crit)
+                continue
+            sel, tau = singles[best], taus[best]
+            test = self._cached_test(
+                ok[best].key,
+                sel.lam,
+                lambda sel=sel, tau=tau: Edit(tau(), -sel.lam, self.linear_edits),
+                ctx,
+                self.vector_tag,
+            )
+            self._result(ctx, methods[0], sel, test, crit, chosen=ok[best].key)
 
     def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
         requests = [(vid, lambda merged=merged: merged) for vid, merged in vectors.values()]
         curves = self._curves(ctx, requests, f"lambda: {', '.join(vectors)}")
         for (method, (vid, merged)), (fv, cv) in zip(vectors.items(), curves, strict=True):
             self.rec.curve(ctx.row, method, self.lambdas, fv, cv)
-            sel = self._select(ctx, fv, cv)
-            edit = partial(Edit, merged, -sel.lam, self.linear_edits)
-            test = self._cached_test(vid, sel.lam, edit, ctx, self.vector_tag) if sel.feasible else None
-            self._result(ctx, method, sel, test)
+            for crit in self.criteria:
+                sel = self._select(ctx, fv, cv, crit)
+                edit = partial(Edit, merged, -sel.lam, self.linear_edits) if sel.feasible else None
+                test = self._cached_test(vid, sel.lam, edit, ctx, self.vector_tag) if sel.feasible else None
+                self._result(ctx, method, sel, test, crit)
 
     def _ablation(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
         """A merge (NegMerge by default) over random subsets of the pool: consensus rate and forgetting
@@ -639,7 +668,7 @@ class ClipRun:
         for i, ((n, draw, _), (fv, cv)) in enumerate(zip(draws, curves, strict=True)):
             if i not in rates:  # its curve was cached: the merge is made for its consensus rate only
                 merge(i)
-            sel = self._select(ctx, fv, cv)
+            sel = self._select(ctx, fv, cv, self.criteria[0])  # the main table's criterion
             self.rec.ablation.append(
                 {
                     **ctx.row,
@@ -709,25 +738,33 @@ class ClipRun:
         return [self._select(ctx, fv, cv).forget_val for fv, cv in curves]
 
     def _training_method(self, ctx: EvalContext, method: str) -> None:
-        """A training-based method: every setting's model scored on Val, the floor rule picks one."""
+        """A training-based method: every setting's model scored on Val once; each criterion picks one."""
         entries = [e for e in self._method_models(method, ctx.seed, ctx.task, ctx.head) if e.status == "ok"]
-        selections = []
-        for entry in entries:
-            fv, cv = self.evals.get_or_compute(
+        scores = [
+            self.evals.get_or_compute(
                 {"trained val": entry.key, "task": ctx.task.name},
                 lambda entry=entry: self._accuracy(Edit(load_file(entry.path), 1.0), "val", ctx),
             )
-            sel = self._select(ctx, [fv], [cv], lambdas=[1.0])
-            selections.append(replace(sel, at_grid_edge=False))  # a trained model, not a point of a grid
-        best = best_single(selections) if selections else None
-        if best is None:
-            self._result(
-                ctx, method, Selection(None, None, None, False, f"no {method} setting keeps the control floor"), None
-            )
-            return
-        chosen = entries[best]
-        test = self._cached_test(chosen.key, 1.0, lambda: Edit(load_file(chosen.path), 1.0), ctx)
-        self._result(ctx, method, selections[best], test, chosen=chosen.key)
+            for entry in entries
+        ]
+        for crit in self.criteria:
+            # a trained model, not a point of a grid: never at its edge
+            selections = [
+                replace(self._select(ctx, [fv], [cv], crit, lambdas=[1.0]), at_grid_edge=False) for fv, cv in scores
+            ]
+            best = best_single(selections, crit.rule) if selections else None
+            if best is None:
+                none = Selection(None, None, None, False, f"no {method} setting keeps the control floor")
+                self._result(ctx, method, none, None, crit)
+                continue
+            chosen = entries[best]
+            test = self._cached_test(chosen.key, 1.0, partial(_trained_edit, chosen.path), ctx)
+            self._result(ctx, method, selections[best], test, crit, chosen=chosen.key)
+
+
+def _trained_edit(path: str) -> Edit:
+    """A trained model's weights as theta_0 + its vector."""
+    return Edit(load_file(path), 1.0)
 
 
 class _OnDemand:

@@ -1,6 +1,8 @@
 """``negmerge-bench regress RUN_DIR --against REF_DIR``: did this commit make unlearning worse?
 
-Compares test metrics per (dataset, method, metric), averaged over seeds, and asks whether a move is
+Compares test metrics per (dataset, method, metric, floor, selection rule), averaged over seeds: like
+with like, a run with several floors or rules is compared criterion by criterion (a criterion only
+the run has is not judged; one the reference has and the run lacks is MISSING). It asks whether a move is
 beyond seed noise (docs/metrics.md#regress). The noise is the standard error of the difference of the
 two means, ``sqrt(var * (1/n_ref + 1/n_new))``, with ``var`` the seed variance pooled over both runs; the
 tolerance is ``max(minimum, sigmas x noise)``, the minimum per metric (``MIN_TOLERANCE``) covering what
@@ -32,6 +34,9 @@ MIN_TOLERANCE = {"mia_efficacy": 5.0}
 DEFAULT_MIN_TOLERANCE = 2.0
 
 
+IDENTITY = ["dataset", "method", "metric", "floor", "selection_rule"]
+
+
 def kind(method: str) -> str:
     """The registry's kind of ``method`` (a method this checkout does not register is no reference)."""
     from baselines import find_method
@@ -41,8 +46,9 @@ def kind(method: str) -> str:
 
 
 def _per_metric(results: pd.DataFrame) -> pd.DataFrame:
-    test = results[results.split == "test"]
-    grouped = test.groupby(["dataset", "method", "metric"]).value
+    test = results[results.split == "test"].copy()
+    test["floor"] = test.floor.round(6)  # a float read back from CSV: one key per floor
+    grouped = test.groupby(IDENTITY, dropna=False).value
     return pd.DataFrame({"mean": grouped.mean(), "var": grouped.var(), "n": grouped.count()})
 
 
@@ -64,13 +70,13 @@ def compare(run_dir: Path, ref_dir: Path, abs_tol: float | None = None, sigmas: 
     a, b = _per_metric(ref), _per_metric(new)
     rows = []
     for key, r in a.iterrows():
-        dataset, method, metric = key
+        dataset, method, metric, floor, rule = key
         reference = kind(method) == "reference"
         if not (metric in worse_if or reference):
             continue
         minimum = abs_tol if abs_tol is not None else MIN_TOLERANCE.get(metric, DEFAULT_MIN_TOLERANCE)
         if key not in b.index or np.isnan(b.loc[key, "mean"]):
-            rows.append((dataset, method, metric, r["mean"], np.nan, np.nan, minimum, np.nan, "MISSING"))
+            rows.append((dataset, method, metric, floor, rule, r["mean"], np.nan, np.nan, minimum, np.nan, "MISSING"))
             continue
         noise = seed_noise(r, b.loc[key])
         tol = max(minimum, sigmas * noise)
@@ -85,8 +91,8 @@ def compare(run_dir: Path, ref_dir: Path, abs_tol: float | None = None, sigmas: 
             status = f"improved ({why})"
         else:
             status = "ok"
-        rows.append((dataset, method, metric, r["mean"], b.loc[key, "mean"], delta, tol, noise, status))
-    columns = ["dataset", "method", "metric", "reference", "new", "delta", "tolerance", "seed_noise", "status"]
+        rows.append((dataset, method, metric, floor, rule, r["mean"], b.loc[key, "mean"], delta, tol, noise, status))
+    columns = [*IDENTITY, "reference", "new", "delta", "tolerance", "seed_noise", "status"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -3,7 +3,9 @@
 Reads results.csv, curves.csv, manifest.json (and the ablation files if present); loads no model and
 recomputes nothing, so it takes seconds. Writes RUN_DIR/report/: LaTeX tables (pandas Styler,
 booktabs, a best entry bold only where it is beyond noise: bench.significance), figures as PDF and PNG
-(matplotlib), significance.csv and summary.md.
+(matplotlib), significance.csv and summary.md. A run selected at several (rule, floor) criteria gets
+its main table and figures at the first, and one table (``table_RULE_floorF.tex``), trade-off figure
+and summary section per criterion.
 """
 
 from __future__ import annotations
@@ -123,7 +125,33 @@ def clip_table(results: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(_ordered(table.index))
 
 
-def clip_latex(table: pd.DataFrame, manifest: dict, results: pd.DataFrame) -> str:
+def selection_floor(cfg: dict) -> float:
+    """The first (main) floor of a run's config: ``floor``, or the first of ``floors``."""
+    sel = cfg["selection"]
+    return sel["floor"] if "floor" in sel else sel["floors"][0]
+
+
+def run_criteria(results: pd.DataFrame) -> list[tuple[str, float]]:
+    """(selection rule, floor) of the selected rows, in the order the run wrote them: the first is the
+    main table's (bench.selection.criteria)."""
+    chosen = results[results.split.isin(["val", "test"]) & results.floor.notna()]
+    pairs = zip(chosen.selection_rule, chosen.floor.astype(float))
+    return list(dict.fromkeys(pairs))
+
+
+def at_criterion(results: pd.DataFrame, rule: str, floor: float) -> pd.DataFrame:
+    """The rows selected by (rule, floor), and the rows no selection made (consensus rates)."""
+    selected = (results.selection_rule == rule) & np.isclose(results.floor.astype(float), floor)
+    return results[selected | ~results.split.isin(["val", "test"])]
+
+
+def _tag(rule: str, floor: float) -> str:
+    return f"{rule.replace('-', '_')}_floor{floor:g}"
+
+
+def clip_latex(
+    table: pd.DataFrame, manifest: dict, results: pd.DataFrame, rule: str | None = None, floor: float | None = None
+) -> str:
     """The table in LaTeX. A column's best entry (lowest forget, highest control) is bold only when a
     paired test (bench.significance) puts it beyond noise against every other method of the column."""
     shown = table.rename(index=display).rename(
@@ -146,10 +174,16 @@ def clip_latex(table: pd.DataFrame, manifest: dict, results: pd.DataFrame) -> st
         if better_by_noise(sub, best, candidates, units, lower, settings):
             mask.loc[display(best), shown_col] = True
     cfg = manifest["config"]
+    floor = selection_floor(cfg) if floor is None else floor
+    how = (
+        f"the largest $\\lambda$ keeping control Val $\\geq$ {floor}$\\times$ zero-shot (no forget data read)"
+        if rule == "control_only"
+        else f"$\\lambda$ chosen on Val with control floor {floor}$\\times$ zero-shot"
+    )
     caption = (
         f"Task negation on {cfg['backbone']['name']}: test top-1 (\\%) on each forget dataset ($D_f$, lower is "
-        f"better) and on the control {cfg['control']} ($D_r$); $\\lambda$ chosen on Val with control floor "
-        f"{cfg['selection']['floor']}$\\times$ zero-shot. Seeds: {', '.join(map(str, cfg['seeds']))}. "
+        f"better) and on the control {cfg['control']} ($D_r$); {how}. "
+        f"Seeds: {', '.join(map(str, cfg['seeds']))}. "
         f"Bold: the best entry of a column, only where it is better than every other method there by "
         f"{_tex(describe(settings, 'seeds (Avg.: datasets x seeds)'))}; a column without bold has no such entry."
     )
@@ -440,13 +474,21 @@ def classic_markdown(mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, to
 
 
 def classic_latex(
-    mean: pd.DataFrame, std: pd.DataFrame, seeds: pd.Series, manifest: dict, results: pd.DataFrame
+    mean: pd.DataFrame,
+    std: pd.DataFrame,
+    seeds: pd.Series,
+    manifest: dict,
+    results: pd.DataFrame,
+    rule: str | None = None,
+    floor: float | None = None,
 ) -> str:
     """The table in LaTeX. A column's entry closest to Retrain (Avg. Gap: the lowest) is bold only when
     a paired test over seeds of the per-seed distance to Retrain puts it beyond noise against every
     other method (bench.significance)."""
     cfg = manifest["config"]
     settings = Settings.from_manifest(manifest)
+    rule = cfg["selection"].get("rule", "floor") if rule is None else rule
+    floor = selection_floor(cfg) if floor is None else floor
     cells = _mean_pm_std(mean, std, r" $\pm$ ")
     rivals = [m for m in mean.index if kind(m) != "reference"]
     mask = pd.DataFrame(False, index=mean.index, columns=mean.columns)
@@ -474,8 +516,8 @@ def classic_latex(
     caption = (
         f"{what} on {cfg['dataset']} with {cfg['model']['name']}: "
         f"accuracy (\\%) on $D_r$, $D_f$, $D_{{test}}$, MIA-efficacy, and the average gap to Retrain (lower is "
-        f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {cfg['selection']['rule']} "
-        f"(floor {cfg['selection']['floor']}); BatchNorm: {cfg['bn']}. Bold: the entry closest to Retrain, only where its per-seed distance to "
+        f"better); mean $\\pm$ std over {len(cfg['seeds'])} seeds; selection: {rule.replace('_', ' ')} "
+        f"(floor {floor}); BatchNorm: {cfg['bn']}. Bold: the entry closest to Retrain, only where its per-seed distance to "
         f"Retrain is smaller than every other method's by {_tex(describe(settings, 'seeds'))}; a column "
         "without bold has no such entry."
     )
@@ -585,9 +627,11 @@ def markdown_summary(
     sel = pd.DataFrame(manifest.get("selections", []))
     if not sel.empty:
         edge = sel[sel.get("at_grid_edge", False) == True]  # noqa: E712
+        tagged = "floor" in sel and len(sel[["floor", "selection_rule"]].drop_duplicates()) > 1
         for _, r in edge.iterrows():
+            where = f" [{r['selection_rule']}, floor {r['floor']:g}]" if tagged else ""
             lines.append(
-                f"- warning: {r['dataset']} seed {r['seed']} {r['method']}: lambda {r['lam']} is at the grid's edge"
+                f"- warning: {r['dataset']} seed {r['seed']} {r['method']}: lambda {r['lam']} is at the grid's edge{where}"
             )
     if cfg["protocol"] == "classic":
         lines += [f"- warning: {problem}" for problem in classic_sanity(results)]
@@ -600,36 +644,84 @@ def markdown_summary(
     return "\n".join(lines) + "\n"
 
 
+def _tables(results: pd.DataFrame, manifest: dict, rule: str | None, floor: float | None) -> tuple[str, str]:
+    """(LaTeX, markdown) of the test table of ``results`` (already at one criterion)."""
+    cfg = manifest["config"]
+    if cfg["protocol"] == "clip":
+        table = clip_table(results)
+        md = table.rename(index=plain).round(2)
+        md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
+        return clip_latex(table, manifest, results, rule, floor), md.to_markdown()
+    mean, std, seeds = classic_table(results)
+    tex = classic_latex(mean, std, seeds, manifest, results, rule, floor)
+    return tex, classic_markdown(mean, std, seeds, len(cfg["seeds"]))
+
+
 def build_report(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     results, curves, manifest = load_run(run_dir)
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     cfg = manifest["config"]
-    floor = cfg["selection"]["floor"]
+    found = run_criteria(results)
+    several = len(found) > 1
+    main_rule, floor = found[0] if found else (None, selection_floor(cfg))
+    main = at_criterion(results, main_rule, floor) if several else results  # one criterion: every row
     written: list[Path] = []
+    tex, table_md = _tables(main, manifest, main_rule if several else None, floor if several else None)
+    written.append(write_text_atomic(out / "table.tex", tex))
     if cfg["protocol"] == "clip":
-        table = clip_table(results)
-        written.append(write_text_atomic(out / "table.tex", clip_latex(table, manifest, results)))
         ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
         ablated = (cfg.get("ablation") or {}).get("method", "negmerge")  # runs before the option: NegMerge
-        written += clip_figures(results, curves, out, floor, ablation, ablated)
-        md = table.rename(index=plain).round(2)
-        md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
-        table_md = md.to_markdown()
+        written += clip_figures(main, curves, out, floor, ablation, ablated)
     else:
-        mean, std, seeds = classic_table(results)
-        written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest, results)))
-        written += classic_figures(results, curves, out, floor)
-        table_md = classic_markdown(mean, std, seeds, len(cfg["seeds"]))
+        written += classic_figures(main, curves, out, floor)
+    if several:  # one table, trade-off figure and summary section per criterion
+        sections = [f"Selection: {main_rule}, floor {floor:g} (the main table; the other criteria below)", "", table_md]
+        for i, (rule, f) in enumerate(found):
+            rows = at_criterion(results, rule, f)
+            tex, md = _tables(rows, manifest, rule, f)
+            written.append(write_text_atomic(out / f"table_{_tag(rule, f)}.tex", tex))
+            written += _criterion_figure(rows, cfg["protocol"], out, _tag(rule, f), f"{rule}, floor {f:g}")
+            if i:
+                sections += ["", f"## Selection: {rule}, floor {f:g}", "", md]
+        table_md = "\n".join(sections)
     thresholds, pools = _studies(run_dir)
     labels = ("forget accuracy", "control accuracy") if cfg["protocol"] == "clip" else ("Df accuracy", "test accuracy")
     if thresholds is not None and not thresholds.empty:
         written += threshold_figure(thresholds, out, labels)
     if pools is not None and not pools.empty:
         written += pools_figure(pools, out, labels)
-    significance, significance_md = significance_table(results, manifest)
+    significance, significance_md = significance_table(main, manifest)
     written.append(write_text_atomic(out / "significance.csv", significance.to_csv(index=False)))
-    summary = markdown_summary(results, manifest, table_md, significance_md, studies_markdown(thresholds, pools))
+    summary = markdown_summary(main, manifest, table_md, significance_md, studies_markdown(thresholds, pools))
     written.append(write_text_atomic(out / "summary.md", summary))
     return written
+
+
+def _criterion_figure(results: pd.DataFrame, protocol: str, out: Path, tag: str, title: str) -> list[Path]:
+    """Test forget vs. control accuracy per method at one criterion (Protocol A: per dataset)."""
+    test = results[results.split == "test"]
+    control = "control_acc" if protocol == "clip" else "test_acc"
+    groups = sorted(test.dataset.unique()) if protocol == "clip" else [None]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, ds in zip(axes[0], groups):
+        sub = test if ds is None else test[test.dataset == ds]
+        means = sub.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
+        for m in _ordered(means.index):
+            if {control, "forget_acc"} <= set(means.columns) and means.loc[m, [control, "forget_acc"]].notna().all():
+                ax.scatter(
+                    means.loc[m, control],
+                    means.loc[m, "forget_acc"],
+                    color=colour(m),
+                    s=50,
+                    label=plain(m),
+                    marker=marker(m),
+                    edgecolor="k",
+                    linewidth=0.5,
+                )
+        ax.set(title=ds or title, xlabel=f"{control.replace('_', ' ')} (%), test", ylabel="forget accuracy (%), test")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Forgetting vs. retained accuracy ({title})")
+    return _save(fig, out, f"tradeoff_{tag}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -88,6 +89,10 @@ class RunRecorder:
         self.timings: dict[str, float] = {}
         self.cache_entries: dict[str, list[str]] = {}
         self.bad_images: list[dict[str, Any]] = []  # damaged images data.bad_images=skip left out
+        # forward passes this run computed (cache hits are none): Val = one point of a lambda curve or
+        # one scored setting; test = one test evaluation at a selected point. Selection criteria share them.
+        self.passes = {"val": 0, "test": 0}
+        self._passes_lock = threading.Lock()  # lanes and the scoring thread count concurrently
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
 
@@ -99,7 +104,21 @@ class RunRecorder:
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
-    def _row(self, row: dict, method: str, split: str, metric: str, value: float, sel: Selection | None, floor) -> None:
+    def count_pass(self, split: str) -> None:
+        with self._passes_lock:
+            self.passes[split] += 1
+
+    def _row(
+        self,
+        row: dict,
+        method: str,
+        split: str,
+        metric: str,
+        value: float,
+        sel: Selection | None,
+        floor,
+        rule: str | None = None,
+    ) -> None:
         self.rows.append(
             {
                 "suite": self.cfg.name,
@@ -112,14 +131,23 @@ class RunRecorder:
                 "feasible": sel.feasible if sel else None,
                 "at_grid_edge": sel.at_grid_edge if sel else None,
                 "floor": floor,
-                "selection_rule": self.selection_rule,
+                "selection_rule": rule or self.selection_rule,
             }
         )
 
     def result(
-        self, row: dict, method: str, sel: Selection, test: dict[str, float], floor: float, chosen: str | None = None
+        self,
+        row: dict,
+        method: str,
+        sel: Selection,
+        test: dict[str, float],
+        floor: float,
+        chosen: str | None = None,
+        rule: str | None = None,
     ) -> None:
-        """Val numbers at the selected lambda, and the test metrics measured there."""
+        """Val numbers at the selected lambda, and the test metrics measured there; ``floor`` and
+        ``rule``: the criterion that selected it (rule: the run's first when not given)."""
+        rule = rule or self.selection_rule
         self.selections.append(
             {
                 **row,
@@ -129,16 +157,24 @@ class RunRecorder:
                 "at_grid_edge": sel.at_grid_edge,
                 "reason": sel.reason,
                 "chosen_candidate": chosen,
+                "floor": floor,
+                "selection_rule": rule,
             }
         )
         if not sel.feasible:
-            self.notes.append(f"{row['dataset']} seed {row['seed']} {method}: no feasible lambda ({sel.reason})")
-            self._row(row, method, "val", "forget_acc", float("nan"), sel, floor)
+            where = "" if (floor, rule) == self.first_criterion else f" [{rule} at floor {floor}]"
+            self.notes.append(f"{row['dataset']} seed {row['seed']} {method}: no feasible lambda ({sel.reason}){where}")
+            self._row(row, method, "val", "forget_acc", float("nan"), sel, floor, rule)
             return
-        self._row(row, method, "val", "forget_acc", sel.forget_val, sel, floor)
-        self._row(row, method, "val", "control_acc", sel.control_val, sel, floor)
+        self._row(row, method, "val", "forget_acc", sel.forget_val, sel, floor, rule)
+        self._row(row, method, "val", "control_acc", sel.control_val, sel, floor, rule)
         for metric, value in sorted(test.items()):  # fixed order: a cached rerun writes identical bytes
-            self._row(row, method, "test", metric, value, sel, floor)
+            self._row(row, method, "test", metric, value, sel, floor, rule)
+
+    @property
+    def first_criterion(self) -> tuple[float, str]:
+        """(floor, rule) of the main table: a note about it needs no tag."""
+        return (self.cfg.selection.floor, self.selection_rule)
 
     def extra(self, row: dict, method: str, metric: str, value: float) -> None:
         self._row(row, method, "-", metric, value, None, None)
@@ -226,6 +262,7 @@ class RunRecorder:
             "notes": self.notes,
             "bad_images": self.bad_images,
             "cache_entries": self.cache_entries,  # what `cache gc --keep` keeps for this run
+            "forward_passes": dict(self.passes),  # computed this run (bench.results.RunRecorder.passes)
         }
         if self.thresholds or self.pools or self.study_pools:
             manifest["studies"] = self._studies_manifest()

@@ -109,7 +109,7 @@ def test_list(capsys, what):
             "baseline_params.salun.retain_fraction=0",
             "baseline_params: Value error, salun.retain_fraction must be in (0, 1]",
         ),
-        ("selection.rule=closest", "selection.rule: Input should be 'floor' or 'avg_gap'"),
+        ("selection.rule=closest", "selection.rule: Input should be 'floor', 'avg_gap' or 'control_only'"),
         ("forget={mode: class}", "forget.classes: class-wise forgetting needs at least one class"),
         ("protocol=other", "protocol: expected one of clip, classic"),
     ],

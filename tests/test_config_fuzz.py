@@ -38,9 +38,11 @@ EXTRA_PATHS = ["finetune.base.lr", "finetune.grid.steps", "pool.grid.epochs", "m
 
 
 def _value_at(config: BaseModel, path: str):
+    """The value at ``path`` as dumped; a field the dump leaves out is unset (selection's list forms
+    ``floors`` / ``rules`` when the single form is used): None."""
     node = config.model_dump(mode="json")
     for part in path.split("."):
-        node = node[part]
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
