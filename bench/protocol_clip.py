@@ -8,6 +8,7 @@ the pool-size ablation; and the training-based methods (``baselines``), each a g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from baselines import get_merge, get_method
 from bench.backbones import Backbone, load_backbone, visual_state
 from bench.config import ClipSuite
+from bench.cost import FREE, Cost, charge, forward_flops
 from bench.data import ImageSplit, TaskData, load_task, prepare_eval
 from bench.data.damaged import BadImageCheck
 from bench.data.preprocessed import PreprocessedCache
@@ -441,6 +443,23 @@ class ClipRun:
     def _head(self, task: TaskData):
         return cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache, self.rt)
 
+    # -- cost ------------------------------------------------------------------------------------
+    @property
+    def _curve_points(self) -> int:
+        """Val passes of one lambda curve (lambda = 0 is theta_0, scored once by the zero-shot stage)."""
+        return sum(lam != 0.0 for lam in self.lambdas)
+
+    @functools.cached_property
+    def _flops_per_image(self) -> float:
+        size = self.backbone.image_size
+        return forward_flops(self.backbone.visual, torch.zeros(1, 3, size, size))
+
+    def _cost(self, ctx: EvalContext, unlearn=(), select=(), val_points: int = 0) -> Cost:
+        """A method's cost (bench.cost): its training from the pool records, and ``val_points`` Val
+        passes over forget and control Val, plus theta_0's pass that sets the floor's reference."""
+        val_pass = len(ctx.task.val) + len(ctx.control.val)
+        return charge(unlearn, select, (val_points + 1) * val_pass, self._flops_per_image)
+
     # -- main ------------------------------------------------------------------------------------
     def run(self) -> RunRecorder:
         tasks = self.tasks = self._setup()
@@ -497,6 +516,8 @@ class ClipRun:
                 )
                 return
             vectors = self._merges(ctx, ok)
+            for method in vectors:  # a merge's model needs every candidate; its selection, one curve
+                self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=ok, val_points=self._curve_points))
             with self.rec.timed(f"lambda sweep {name} seed {seed}"):
                 self._single_best(ctx, ok)
                 self._sweep_merges(ctx, vectors)
@@ -516,6 +537,7 @@ class ClipRun:
         test = self._cached_test("zero-shot", 0.0, lambda: self.theta0, ctx)
         for method in self.cfg.methods:
             if get_method(method).kind == "reference":
+                self.rec.charge(ctx.row, method, FREE)
                 self._result(ctx, method, Selection(0.0, forget_val, ctx.zs_control_val, False), test)
 
     def _merges(self, ctx: EvalContext, ok: list[PoolEntry]) -> dict[str, tuple[str, Any]]:
@@ -565,9 +587,12 @@ class ClipRun:
             self.rec.curve(ctx.row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
             singles.append((self._select(ctx, fv, cv), tau))
         best = best_single([s for s, _ in singles])
+        points = len(ok) * self._curve_points  # every candidate's curve is read to find the best
         if best is None:
+            self.rec.charge(ctx.row, methods[0], self._cost(ctx, select=ok, val_points=points))
             self._result(ctx, methods[0], singles[0][0], None)
             return
+        self.rec.charge(ctx.row, methods[0], self._cost(ctx, unlearn=[ok[best]], select=ok, val_points=points))
         sel, tau = singles[best]
         test = self._cached_test(ok[best].key, sel.lam, lambda: Edit(tau(), -sel.lam), ctx)
         self._result(ctx, methods[0], sel, test, chosen=ok[best].key)
@@ -635,6 +660,8 @@ class ClipRun:
             sel = self._select(ctx, [fv], [cv], lambdas=[1.0])
             selections.append(replace(sel, at_grid_edge=False))  # a trained model, not a point of a grid
         best = best_single(selections) if selections else None
+        unlearn = [entries[best]] if best is not None else []
+        self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=unlearn, select=entries, val_points=len(entries)))
         if best is None:
             self._result(
                 ctx, method, Selection(None, None, None, False, f"no {method} setting keeps the control floor"), None

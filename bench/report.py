@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 
 from bench.errors import BenchError  # noqa: E402
 from bench.io import write_atomic, write_text_atomic  # noqa: E402
+from bench.report_cost import cost_quality_figure  # noqa: E402
 from bench.results import RESULT_COLUMNS  # noqa: E402
 from bench.sanity import classic_sanity  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
@@ -486,6 +487,7 @@ def build_report(run_dir: Path) -> list[Path]:
         ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
         ablated = (cfg.get("ablation") or {}).get("method", "negmerge")  # runs before the option: NegMerge
         written += clip_figures(results, curves, out, floor, ablation, ablated)
+        written += cost_quality_figure(results, "clip", out, _save, plain, colour, ablation, ablated)
         md = table.rename(index=plain).round(2)
         md.columns = [f"{d} {'forget' if m == 'forget_acc' else 'control'}" for d, m in md.columns]
         table_md = md.to_markdown()
@@ -493,6 +495,7 @@ def build_report(run_dir: Path) -> list[Path]:
         mean, std, seeds = classic_table(results)
         written.append(write_text_atomic(out / "table.tex", classic_latex(mean, std, seeds, manifest)))
         written += classic_figures(results, curves, out, floor)
+        written += cost_quality_figure(results, "classic", out, _save, plain, colour)
         table_md = classic_markdown(mean, std, seeds, len(cfg["seeds"]))
     written.append(write_text_atomic(out / "summary.md", markdown_summary(results, manifest, table_md)))
     return written

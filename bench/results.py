@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.cost import COST_COLUMNS, Cost
 from bench.io import write_json_atomic, write_text_atomic
 from bench.selection import Selection
 
@@ -32,6 +33,13 @@ RESULT_COLUMNS = [
     "floor",
     "selection_rule",
 ]
+ROW_FIELDS = ("backbone", "dataset", "seed")  # what identifies a (dataset, seed) of a row, with the method
+
+
+def _row_key(row: dict, method: str) -> tuple:
+    return (*(row.get(k) for k in ROW_FIELDS), method)
+
+
 PACKAGES = [
     "negmerge-bench",
     "torch",
@@ -84,6 +92,7 @@ class RunRecorder:
         self.timings: dict[str, float] = {}
         self.cache_entries: dict[str, list[str]] = {}
         self.bad_images: list[dict[str, Any]] = []  # damaged images data.bad_images=skip left out
+        self.costs: dict[tuple, tuple[dict, str, Cost]] = {}  # (row, method) -> what the method spent
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
 
@@ -171,16 +180,47 @@ class RunRecorder:
             }
         )
 
+    def charge(self, row: dict, method: str, cost: Cost) -> None:
+        """What ``method`` spent for this row's (dataset, seed): its cost columns (bench.cost)."""
+        self.costs[_row_key(row, method)] = (row, method, cost)
+
+    def cost_table(self) -> pd.DataFrame:
+        """costs.csv: each method's cost per (dataset, seed), with the wall seconds of its training as
+        the cache records measured it and the device it ran on (not in results.csv: seconds differ
+        between machines and runs, results.csv must not)."""
+        device = self.runtime.get("device", "")
+        records = [
+            {
+                "suite": self.cfg.name,
+                **row,
+                "method": method,
+                **cost.columns(),
+                "train_seconds": round(cost.seconds, 2),
+                "device": device,
+            }
+            for row, method, cost in self.costs.values()
+        ]
+        return pd.DataFrame(records)
+
     def note(self, message: str) -> None:
         self.notes.append(message)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=RESULT_COLUMNS)
+        rows = []
+        for row in self.rows:
+            spent = self.costs.get(_row_key({k: row[k] for k in ROW_FIELDS if k in row}, row["method"]))
+            rows.append({**row, **(spent[2].columns() if spent else {})})
+        table = pd.DataFrame(rows, columns=RESULT_COLUMNS + COST_COLUMNS)
+        counts = [c for c in COST_COLUMNS if c != "gflops"]
+        table[counts] = table[counts].astype("Int64")  # integers, blank where unknown (not 1234.0)
+        return table
 
     def finish(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "results.csv", self.table().to_csv(index=False))
         write_text_atomic(self.out / "curves.csv", pd.DataFrame(self.curves).to_csv(index=False))
+        if self.costs:
+            write_text_atomic(self.out / "costs.csv", self.cost_table().to_csv(index=False))
         if self.ablation:
             write_text_atomic(self.out / "ablation.csv", pd.DataFrame(self.ablation).to_csv(index=False))
         manifest = {
