@@ -349,12 +349,14 @@ class ClassicRun:
                 vectors[method] = (vector_id(method, params, [e.key for e in ok]), merged)
                 self.rec.extra(row, method, "consensus_rate", consensus_rate(merged))
                 self.rec.charge(row, method, self._cost(ok, failed, val_points=len(self.lambdas)))
-        single = [m for m in cfg.methods if get_method(m).kind == "single"]
-        if single:
-            self._single_best(row, single[0], [(e.key, load_file(e.path)) for e in ok], seed)
+        single = {get_method(m).candidate: m for m in cfg.methods if get_method(m).kind == "single"}
+        if "best" in single:
+            self._single_best(row, single["best"], [(e.key, load_file(e.path)) for e in ok], seed)
             chosen = self.chosen_candidate
             unlearn = [e for e in ok if chosen is not None and chosen.startswith(e.key)]
-            self.rec.charge(row, single[0], self._cost(unlearn, entries, val_points=len(ok) * len(self.lambdas)))
+            self.rec.charge(row, single["best"], self._cost(unlearn, entries, val_points=len(ok) * len(self.lambdas)))
+        if "default" in single:
+            self._single_run(row, single["default"], entries[0 if cfg.pool.from_ else cfg.pool.default_index], seed)
         for method, (vid, tau) in vectors.items():
             lam, chosen, _ = self._sweep(row, method, vid, tau, seed)
             edge = lam == max(self.lambdas) if lam is not None else False
@@ -372,6 +374,17 @@ class ClassicRun:
         lam, chosen, _ = feasible[best]
         self.chosen_candidate = chosen[0]  # its vector id, "<pool key>@lambda"
         self._record(row, method, chosen, lam, "", seed, at_edge=lam == max(self.lambdas))
+
+    def _single_run(self, row: dict, method: str, default, seed: int) -> None:
+        """The one fine-tune at the pool grid's default setting (a sweep on disk: its first candidate),
+        negated at its selected lambda: what a user without a hyperparameter sweep gets."""
+        self.rec.charge(row, method, self._cost([default], val_points=len(self.lambdas)))
+        if default.status != "ok":
+            self._record(row, method, None, None, f"the default setting's fine-tune failed: {default.error}", seed)
+            return
+        lam, chosen, _ = self._sweep(row, method, default.key, load_file(default.path), seed)
+        edge = lam == max(self.lambdas) if lam is not None else False
+        self._record(row, method, chosen, lam, "no feasible lambda", seed, at_edge=edge)
 
     def _sweep(self, row: dict, method: str, vid: str, tau, seed: int):
         scored = []

@@ -449,6 +449,12 @@ class ClipRun:
         """Val passes of one lambda curve (lambda = 0 is theta_0, scored once by the zero-shot stage)."""
         return sum(lam != 0.0 for lam in self.lambdas)
 
+    @property
+    def _default_index(self) -> int:
+        """The single run's place in the pool: the grid's default setting (a pool from disk: its first
+        candidate, in the sweep's order)."""
+        return self.cfg.finetune.default_index if self.cfg.pool is None else 0
+
     @functools.cached_property
     def _flops_per_image(self) -> float:
         size = self.backbone.image_size
@@ -509,7 +515,8 @@ class ClipRun:
             self._zero_shot(ctx)
         if uses_pool(cfg.methods):
             with self.rec.timed(f"pool {name} seed {seed}"):
-                ok = [e for e in self._pool(seed, ctx.task, ctx.head) if e.status == "ok"]
+                entries = self._pool(seed, ctx.task, ctx.head)
+                ok = [e for e in entries if e.status == "ok"]
             if not ok:
                 self._later(
                     partial(self.rec.note, f"{name} seed {seed}: every candidate failed; no task-vector method can run")
@@ -519,7 +526,7 @@ class ClipRun:
             for method in vectors:  # a merge's model needs every candidate; its selection, one curve
                 self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=ok, val_points=self._curve_points))
             with self.rec.timed(f"lambda sweep {name} seed {seed}"):
-                self._single_best(ctx, ok)
+                self._single_vectors(ctx, ok, entries[self._default_index])
                 self._sweep_merges(ctx, vectors)
             if cfg.ablation is not None and len(ok) > 2:
                 with self.rec.timed(f"pool-size ablation {name} seed {seed}"):
@@ -573,29 +580,48 @@ class ClipRun:
         lambdas = self.lambdas if lambdas is None else lambdas
         return select_lambda(lambdas, forget, control, ctx.zs_control_val, self.cfg.selection.floor)
 
-    def _single_best(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
-        """Each candidate swept on its own; reported: the candidate whose selected point forgets most."""
-        methods = [m for m in self.cfg.methods if get_method(m).kind == "single"]
+    def _single_vectors(self, ctx: EvalContext, ok: list[PoolEntry], default: PoolEntry) -> None:
+        """Single task vectors, each candidate swept on its own. ``single_best`` reports the candidate
+        whose selected point forgets most (the whole sweep is its price); ``single_run`` the one
+        fine-tune at the grid's default setting (``default``), as a user without a sweep has it."""
+        methods = {get_method(m).candidate: m for m in self.cfg.methods if get_method(m).kind == "single"}
         if not methods:
             return
-        taus = [partial(load_file, entry.path) for entry in ok]
+        swept = ok if "best" in methods else [e for e in ok if e.key == default.key]
+        taus = [partial(load_file, entry.path) for entry in swept]
         curves = self._curves(
-            ctx, [(e.key, tau) for e, tau in zip(ok, taus, strict=True)], f"lambda: {len(ok)} candidates"
+            ctx, [(e.key, tau) for e, tau in zip(swept, taus, strict=True)], f"lambda: {len(swept)} candidates"
         )
         singles = []
-        for j, (entry, tau, (fv, cv)) in enumerate(zip(ok, taus, curves, strict=True)):
-            self.rec.curve(ctx.row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
+        for entry, tau, (fv, cv) in zip(swept, taus, curves, strict=True):
+            self.rec.curve(ctx.row, f"candidate:{ok.index(entry)}", self.lambdas, fv, cv, label=entry.spec["params"])
             singles.append((self._select(ctx, fv, cv), tau))
+        if "best" in methods:
+            self._single_best(ctx, methods["best"], swept, singles)
+        if "default" in methods:
+            self._single_run(ctx, methods["default"], default, swept, singles)
+
+    def _single_best(self, ctx: EvalContext, method: str, ok: list[PoolEntry], singles: list) -> None:
         best = best_single([s for s, _ in singles])
         points = len(ok) * self._curve_points  # every candidate's curve is read to find the best
         if best is None:
-            self.rec.charge(ctx.row, methods[0], self._cost(ctx, select=ok, val_points=points))
-            self._result(ctx, methods[0], singles[0][0], None)
+            self.rec.charge(ctx.row, method, self._cost(ctx, select=ok, val_points=points))
+            self._result(ctx, method, singles[0][0], None)
             return
-        self.rec.charge(ctx.row, methods[0], self._cost(ctx, unlearn=[ok[best]], select=ok, val_points=points))
+        self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=[ok[best]], select=ok, val_points=points))
         sel, tau = singles[best]
         test = self._cached_test(ok[best].key, sel.lam, lambda: Edit(tau(), -sel.lam), ctx)
-        self._result(ctx, methods[0], sel, test, chosen=ok[best].key)
+        self._result(ctx, method, sel, test, chosen=ok[best].key)
+
+    def _single_run(self, ctx: EvalContext, method: str, default: PoolEntry, swept: list, singles: list) -> None:
+        self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=[default], val_points=self._curve_points))
+        if default.status != "ok":
+            failed = Selection(None, None, None, False, f"the default setting's fine-tune failed: {default.error}")
+            self._result(ctx, method, failed, None)
+            return
+        sel, tau = singles[[e.key for e in swept].index(default.key)]
+        test = self._cached_test(default.key, sel.lam, lambda: Edit(tau(), -sel.lam), ctx) if sel.feasible else None
+        self._result(ctx, method, sel, test, chosen=default.key)
 
     def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
         requests = [(vid, lambda merged=merged: merged) for vid, merged in vectors.values()]
