@@ -77,3 +77,27 @@ def test_pareto_front_keeps_only_undominated_points():
         index=["cheap", "mid", "mid-worse", "dear-same", "dear-best"],
     )
     assert sorted(pareto_front(points, "train_samples", "quality")) == ["cheap", "dear-best", "mid"]
+
+
+def test_the_paper_plan_states_each_methods_share_of_the_total():
+    """clip-vit-b32: the shares add up to the whole, and the pool's share is its fine-tuning images
+    (x 3) over the total, recomputed from the grid."""
+    from bench.config import load_suite
+    from bench.plan import format_plan, plan_clip
+
+    cfg = load_suite("clip-vit-b32")
+    plan = plan_clip(cfg, count_flops=False)
+    shares = plan.shares()
+    assert sum(shares.values()) == pytest.approx(1.0)
+    pool = 0
+    for name in cfg.forget:  # the paper's per-dataset epochs sit between the grid's base and its axes
+        n = plan.sizes[name].train
+        for seed in cfg.seeds:
+            points = cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name))
+            pool += sum(p.total_steps(n) * p.batch_size * p.grad_accum for p in points)
+    assert shares["candidate pool (fine-tuning)"] == pytest.approx(
+        3 * pool / (plan.eval_images + 3 * plan.train_images)
+    )
+    assert set(cfg.methods) <= set(shares)  # every method has its line
+    out = format_plan(plan, None, None, measured=False)
+    assert "share of the total cost" in out and "candidate pool (fine-tuning)" in out
