@@ -98,6 +98,8 @@ def cost_quality_figure(
             ax.annotate(
                 label(method), (p.train_samples, p.quality), fontsize=7, xytext=offset, textcoords="offset points"
             )
+        for method, p in points[points.train_samples == 0].iterrows():  # no training: a level, not a point
+            ax.axhline(p.quality, color=colour(method), ls=":", lw=1, label=f"{label(method)} (no training)")
         line = drawn.loc[front].sort_values("train_samples")
         ax.step(line.train_samples, line.quality, where="post", color="black", lw=0.8, alpha=0.6, label="Pareto front")
         if split == "val" and curve is not None:
