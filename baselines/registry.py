@@ -1,8 +1,8 @@
 """Every unlearning method the benchmark knows, in one table that the config, both protocols and the
 report read. Adding a method is one module in ``baselines/`` plus one ``register`` line below.
 
-Kinds: ``reference`` rows are models, not methods (zero-shot, Original, Retrain); ``single`` is the
-best single task vector; ``merge`` combines the candidate pool's task vectors (a function of them);
+Kinds: ``reference`` rows are models, not methods (zero-shot, Original, Retrain); ``single`` is one
+task vector (the best of the pool, or the single run at the grid's default setting); ``merge`` combines the candidate pool's task vectors (a function of them);
 ``training`` trains a model (a ``TrainingMethod`` class).
 """
 
@@ -47,6 +47,9 @@ class Method:
     training: type[TrainingMethod] | None = None
     protocols: tuple[str, ...] = ()  # references and single: where they exist; merges/training: derived
     role: Literal["", "before", "target"] = ""  # references: the model before unlearning, or its target
+    # single task vectors: the candidate whose selected point forgets most ("best", which needs the
+    # whole sweep), or the one fine-tune at the grid's default setting ("default", no sweep)
+    candidate: Literal["best", "default"] = "best"
     emphasis: bool = False  # the method this benchmark is about (a star in figures)
     # merges only: each output element depends on the candidates' values at that element alone, so the
     # merge of a subset of keys equals that subset of the whole merge (``negmerge-bench merge`` then
@@ -177,6 +180,9 @@ register(Method("rl", "training", "RL", "tab:pink", training=RandomLabel))
 register(Method("l1_sparse", "training", r"$\ell_1$-sparse", "#7f7f00", training=L1Sparse))
 register(Method("salun", "training", "SalUn", "#17becf", training=SalUn))
 register(Method("single_best", "single", "Single best TA", "tab:purple", protocols=("clip", "classic")))
+register(
+    Method("single_run", "single", "Single run TA", "#c5b0d5", protocols=("clip", "classic"), candidate="default")
+)
 register(Method("average", "merge", "Uniform merge", "tab:blue", merge=average_merge, elementwise=True))
 register(Method("ties", "merge", "TIES", "tab:orange", merge=ties_merge))
 register(Method("magmax", "merge", "MagMax", "tab:green", merge=magmax_merge, elementwise=True))

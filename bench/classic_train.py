@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.cost import processed
 from bench.data.classic import ClassicData
 from bench.device import CPU, Runtime
 from bench.finetune import FiniteWatch
@@ -116,6 +117,7 @@ def train(
                 objective = objective + l1_alpha * (1 - step / total) * sum(p.abs().sum() for p in model.parameters())
             opt.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()  # fp16: loss scaling (a disabled scaler passes through)
+            processed(len(idx))
             if grad_mask is not None:
                 for name, mask in grad_mask.items():
                     if named[name].grad is not None:
@@ -171,6 +173,7 @@ def saliency_mask(
                 reduction="sum",
             )
         loss.backward()
+        processed(len(labels[start : start + batch_size]))
         for name, p in model.named_parameters():
             if p.grad is not None:
                 grads[name] += p.grad.abs()

@@ -199,11 +199,35 @@ class DataCfg(Strict):
         return self.model_dump(exclude={"workers", "bad_images"})
 
 
+def default_index(grid: dict[str, list[Any]], default: dict[str, Any] | None) -> int:
+    """Where the single-run setting (``default``: one value per grid axis; each axis's first value
+    where it names none) sits among the grid's points, in ``itertools.product`` order."""
+    default = default or {}
+    index = 0
+    for axis, values in grid.items():
+        index = index * len(values) + values.index(default.get(axis, values[0]))
+    return index
+
+
+def check_default(section: str, grid: dict[str, list[Any]], default: dict[str, Any] | None) -> None:
+    """The single run must be one of the pool's candidates: what a user without a sweep trains."""
+    for axis, value in (default or {}).items():
+        if axis not in grid:
+            raise ValueError(f"{section}.default.{axis}: not a grid axis (axes: {', '.join(grid) or 'none'})")
+        if value not in grid[axis]:
+            raise ValueError(
+                f"{section}.default.{axis}: {value!r} is not on the grid axis {grid[axis]}; "
+                "the single run must be one of the pool's candidates"
+            )
+
+
 class GridCfg(Strict):
-    """Candidates = ``base`` updated by every point of the cartesian product of ``grid`` axes."""
+    """Candidates = ``base`` updated by every point of the cartesian product of ``grid`` axes.
+    ``default`` names the single run's setting (method ``single_run``)."""
 
     base: dict[str, Any] = {}
     grid: dict[str, list[Any]]
+    default: dict[str, Any] | None = None
 
     @field_validator("base", "grid")
     @classmethod
@@ -222,7 +246,12 @@ class GridCfg(Strict):
     def _points_valid(self) -> GridCfg:
         """Every candidate's settings checked now, not when its fine-tuning starts."""
         _check_points(lambda: self.points(0))
+        check_default("finetune", self.grid, self.default)
         return self
+
+    @property
+    def default_index(self) -> int:
+        return default_index(self.grid, self.default)
 
     def points(self, seed: int, dataset_base: dict[str, Any] | None = None) -> list[FinetuneParams]:
         """Grid points; ``dataset_base`` (per-dataset settings, e.g. the paper's epochs) sits between
@@ -634,6 +663,7 @@ class SgdGridCfg(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     base: dict[str, Any] = {}
     grid: dict[str, list[Any]] = {}
+    default: dict[str, Any] | None = None  # the single run's setting (method single_run)
     from_: str | None = Field(None, alias="from", min_length=1)
     theta0: str | None = Field(None, min_length=1)
 
@@ -660,7 +690,12 @@ class SgdGridCfg(Strict):
         if self.from_ is not None and (self.base or self.grid):
             raise ValueError("pool.from takes the pool from disk: drop its base and grid")
         _check_points(lambda: self.points(0), "SGD setting")
+        check_default("pool", self.grid, self.default)
         return self
+
+    @property
+    def default_index(self) -> int:
+        return default_index(self.grid, self.default)
 
     def points(self, seed: int):
         from bench.classic_train import SgdParams

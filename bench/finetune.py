@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.backbones import Backbone
+from bench.cost import processed
 from bench.data.registry import ImageSplit
 from bench.data.transforms import file_batches, train_transform
 from bench.device import CPU, Runtime
@@ -277,6 +278,7 @@ def finetune(
                     loss = F.cross_entropy(forward(x), runtime.to(y), label_smoothing=params.label_smoothing)
                 watch.see(loss)
                 scaler.scale(direction * loss / params.grad_accum).backward()
+                processed(len(y))
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(trainable, params.grad_clip)
             scaler.step(opt)

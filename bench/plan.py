@@ -50,6 +50,20 @@ class Plan:
     eval_images: int = 0
     flops_per_image: float | None = None
     sizes: dict[str, Sizes] = field(default_factory=dict)
+    # what each part of the suite spends: part -> [training images, evaluation images]
+    parts: dict[str, list[int]] = field(default_factory=dict)
+
+    def spend(self, part: str, train: int = 0, evaluate: int = 0) -> None:
+        spent = self.parts.setdefault(part, [0, 0])
+        spent[0] += train
+        spent[1] += evaluate
+        self.train_images += train
+        self.eval_images += evaluate
+
+    def shares(self) -> dict[str, float]:
+        """Each part's share of the total, in forward-pass equivalents (a training image = 3)."""
+        total = self.eval_images + 3 * self.train_images
+        return {part: (evaluate + 3 * train) / total for part, (train, evaluate) in self.parts.items()} if total else {}
 
     @property
     def total_flops(self) -> float | None:
@@ -108,7 +122,8 @@ def plan_clip(cfg, count_flops: bool = True) -> Plan:
     from bench.units import training_methods
 
     merges = [m for m in cfg.methods if get_method(m).kind == "merge"]
-    single = any(get_method(m).kind == "single" for m in cfg.methods)
+    singles = [m for m in cfg.methods if get_method(m).kind == "single"]
+    references = [m for m in cfg.methods if get_method(m).kind == "reference"]
     for name in cfg.forget:
         s = plan.sizes[name] = _sizes(name, cfg)
         val_pass = s.val + control.val
@@ -116,26 +131,40 @@ def plan_clip(cfg, count_flops: bool = True) -> Plan:
         for seed in cfg.seeds:
             # a pool from disk (pool.from) costs no fine-tuning; its candidates are not counted here
             points = cfg.finetune.points(seed, cfg.finetune_per_dataset.get(name)) if cfg.finetune else []
-            trained = [cfg.baselines[m].points(seed) for m in training_methods(cfg)]
-            for p in [*points, *(p for settings in trained for p in settings)]:
-                steps = p.total_steps(s.train)
-                plan.finetune_runs += 1
-                plan.finetune_steps += steps
-                plan.train_images += steps * p.batch_size * p.grad_accum
-            vectors = len(merges) + (len(points) if single else 0)
-            reported = len(merges) + single + 1 + len(trained)  # + zero-shot
-            n_trained = sum(len(settings) for settings in trained)
-            plan.eval_images += val_pass * (1 + vectors * n_lambdas + n_trained) + test_pass * reported
+            if singles or merges:
+                _fine_tunes(plan, "candidate pool (fine-tuning)", points, s.train)
+            for method in training_methods(cfg):
+                settings = cfg.baselines[method].points(seed)
+                _fine_tunes(plan, method, settings, s.train)
+                plan.spend(method, evaluate=val_pass * len(settings) + test_pass)
+            for method in references:  # theta_0's Val pass is every floor's reference
+                plan.spend(method, evaluate=val_pass + test_pass)
+            for method in merges:
+                plan.spend(method, evaluate=val_pass * n_lambdas + test_pass)
+            for method in singles:  # the best single reads every candidate's curve; the single run one
+                curves = len(points) if get_method(method).candidate == "best" else 1
+                shared = get_method(method).candidate == "default" and any(
+                    get_method(m).candidate == "best" for m in singles
+                )  # the single run's curve is one of the best single's: evaluated once
+                plan.spend(method, evaluate=(0 if shared else val_pass * n_lambdas * curves) + test_pass)
             if cfg.ablation is not None and cfg.ablation.sizes is not None and len(points) > 2:
                 sizes = [n for n in (cfg.ablation.sizes or range(2, len(points) + 1)) if 2 <= n <= len(points)]
                 draws = sum(1 if n == len(points) else cfg.ablation.draws for n in sizes)
-                plan.eval_images += val_pass * n_lambdas * draws
+                plan.spend("pool-size ablation", evaluate=val_pass * n_lambdas * draws)
             if cfg.ablation is not None:  # the studies: a curve and a test pass per merge, no fine-tune
                 studied = len(cfg.ablation.thresholds) + len(cfg.ablation.pools) * len(merges)
-                plan.eval_images += (val_pass * n_lambdas + test_pass) * studied
+                plan.spend("threshold and sub-pool studies", evaluate=(val_pass * n_lambdas + test_pass) * studied)
     if count_flops:
         plan.flops_per_image = flops_per_image(cfg.backbone.name)
     return plan
+
+
+def _fine_tunes(plan: Plan, part: str, points, n_train: int) -> None:
+    for p in points:
+        steps = p.total_steps(n_train)
+        plan.finetune_runs += 1
+        plan.finetune_steps += steps
+        plan.spend(part, train=steps * p.batch_size * p.grad_accum)
 
 
 def measure_throughput(cfg, batches: int = 3) -> tuple[float, float]:
@@ -197,6 +226,11 @@ def format_plan(plan: Plan, eval_ips: float | None, train_ips: float | None, mea
             f"FLOPs: {plan.flops_per_image / 1e9:.2f} GFLOP per image forward; total {plan.total_flops / 1e15:,.1f} PFLOP "
             "(training image = 3 forward)"
         )
+    if plan.parts:
+        lines.append("share of the total cost (forward-pass equivalents; a training image = 3):")
+        for part, share in sorted(plan.shares().items(), key=lambda kv: -kv[1]):
+            train, evaluate = plan.parts[part]
+            lines.append(f"  {part:30s} {100 * share:5.1f}%  ({train:,} training, {evaluate:,} evaluation images)")
     if eval_ips and train_ips:
         hours = plan.seconds(eval_ips, train_ips) / 3600
         how = "measured here" if measured else "given"

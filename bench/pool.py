@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from bench.codehash import code_digest
+from bench.cost import metered
 from bench.finetune import Diverged
 from bench.integrity import file_digest, intact_safetensors, quarantine
 from bench.io import write_json_atomic
@@ -40,6 +41,7 @@ class PoolEntry:
     cached: bool
     error: str = ""
     computed_by: str = ""
+    samples: int | None = None  # training samples its making processed (bench.cost); None: not counted
 
 
 class CandidatePool:
@@ -81,6 +83,7 @@ class CandidatePool:
                 True,
                 record.get("error", ""),
                 record.get("computed_by", ""),
+                record.get("train_samples"),
             )
         return None
 
@@ -92,13 +95,21 @@ class CandidatePool:
             me = worker_id()
             start = time.perf_counter()
             try:
-                tau = make()
+                with metered() as samples:
+                    tau = make()
             except Diverged as exc:
                 seconds = time.perf_counter() - start
                 warnings.warn(f"candidate {key} diverged and is excluded: {exc}", stacklevel=4)
-                record = {"spec": spec, "status": "failed", "seconds": seconds, "error": str(exc), "computed_by": me}
+                record = {
+                    "spec": spec,
+                    "status": "failed",
+                    "seconds": seconds,
+                    "error": str(exc),
+                    "computed_by": me,
+                    "train_samples": samples[0],  # a diverged run's training was spent all the same
+                }
                 write_json_atomic(record_path, record)
-                return PoolEntry(key, spec, "failed", None, seconds, False, str(exc), me)
+                return PoolEntry(key, spec, "failed", None, seconds, False, str(exc), me, samples[0])
             seconds = time.perf_counter() - start
             save_state(tau, tensor_path, metadata={"key": key})
             record = {
@@ -107,10 +118,11 @@ class CandidatePool:
                 "seconds": seconds,
                 "code_version": self.version,
                 "computed_by": me,
+                "train_samples": samples[0],  # what it cost when made (bench.cost), read back on every hit
                 "size": tensor_path.stat().st_size,  # checked on every read
                 "sha256": file_digest(tensor_path),  # checked by `negmerge-bench cache verify`
             }
             write_json_atomic(record_path, record)
-            return PoolEntry(key, spec, "ok", tensor_path, seconds, False, computed_by=me)
+            return PoolEntry(key, spec, "ok", tensor_path, seconds, False, computed_by=me, samples=samples[0])
 
         return locked_compute(record_path, lambda: self._lookup(key, spec), compute)[0]

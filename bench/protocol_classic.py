@@ -9,6 +9,7 @@ are re-estimated on Dr (``bn: recalibrate``); the choice is on every result row'
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from bench.classic_train import logits_of, saliency_mask, train
 from bench.classifiers import build_classifier
 from bench.codehash import code_digest
 from bench.config import ClassicSuite
+from bench.cost import Cost, charge, forward_flops
 from bench.data.classic import forget_indices, load_classic
 from bench.evalcache import EvalCache, vector_id
 from bench.io import write_json_atomic
@@ -83,6 +85,7 @@ class ClassicRun:
         version = code_digest("bench.classic_train", "bench.classifiers")
         version += "" if cfg.precision == "fp32" else f"-{cfg.precision}"
         self.models = CandidatePool(self.cache / "classic-models", version)
+        self.trained_entries: dict[str, Any] = {}  # role (original, retrain) -> its cache entry, for its cost
         self.pool = CandidatePool(self.cache / "classic-pool", version)
         self.evals = EvalCache(
             self.cache / "evals",
@@ -150,6 +153,7 @@ class ClassicRun:
 
         entry = self.models.get_or_create(spec, make)
         self.rec.pool_member(entry, role, params.label())
+        self.trained_entries[role] = entry
         if entry.status != "ok":
             raise RuntimeError(f"{role} diverged: {entry.error}")
         return load_file(entry.path)
@@ -253,11 +257,13 @@ class ClassicRun:
 
     # -- methods ---------------------------------------------------------------------------------
     def _baseline(self, row: dict, method: str, seed: int) -> None:
-        candidates = []
+        candidates, entries, ok = [], [], []
         for params in self.cfg.baselines[method].points(seed):
             entry = self._baseline_entry(method, params, seed)
+            entries.append(entry)
             if entry.status != "ok":
                 continue
+            ok.append(entry)
 
             def model_fn(entry=entry):
                 return self._model_from(load_file(entry.path))
@@ -265,6 +271,8 @@ class ClassicRun:
             candidates.append(((entry.key, model_fn), self._evaluate(entry.key, model_fn, seed, full=False)))
         for crit in self.criteria:
             best, reason = self._select(candidates, crit) if candidates else (None, f"every {method} setting diverged")
+            unlearn = [ok[best]] if best is not None else []
+            self.rec.charge(row, method, self._cost(unlearn, entries, val_points=len(candidates)), crit)
             self._record(row, method, candidates[best][0] if best is not None else None, None, reason, seed, crit)
 
     def _baseline_entry(self, method: str, params, seed: int):
@@ -350,6 +358,7 @@ class ClassicRun:
         else:
             entries = [self._pool_entry(i, params) for i, params in enumerate(cfg.pool.points(seed))]
         ok = [e for e in entries if e.status == "ok"]
+        failed = [e for e in entries if e.status != "ok"]  # spent all the same
         vectors: dict[str, Any] = {}
         for method in cfg.methods:
             if get_method(method).kind == "merge":
@@ -357,9 +366,12 @@ class ClassicRun:
                 merged = get_merge(method)([e.path for e in ok], **params)
                 vectors[method] = (vector_id(method, params, [e.key for e in ok]), merged)
                 self.rec.extra(row, method, "consensus_rate", consensus_rate(merged))
-        single = [m for m in cfg.methods if get_method(m).kind == "single"]
-        if single:
-            self._single_best(row, single[0], [(e.key, load_file(e.path)) for e in ok], seed)
+                self.rec.charge(row, method, self._cost(ok, failed, val_points=len(self.lambdas)))
+        single = {get_method(m).candidate: m for m in cfg.methods if get_method(m).kind == "single"}
+        if "best" in single:
+            self._single_best(row, single["best"], [(e.key, load_file(e.path)) for e in ok], seed, entries)
+        if "default" in single:
+            self._single_run(row, single["default"], entries[0 if cfg.pool.from_ else cfg.pool.default_index], seed)
         for method, (vid, tau) in vectors.items():
             picks = self._sweep(row, method, vid, tau, seed)
             for crit, (lam, chosen, _) in zip(self.criteria, picks, strict=True):
@@ -410,17 +422,36 @@ class ClassicRun:
             forget.append(None if chosen is None else val["forget_acc"])
         return forget
 
-    def _single_best(self, row: dict, method: str, singles: list[tuple[str, Any]], seed: int) -> None:
-        """Each candidate swept on its own; the best selected point across candidates, by the same rule."""
+    def _single_best(self, row: dict, method: str, singles: list[tuple[str, Any]], seed: int, entries: list) -> None:
+        """Each candidate swept on its own; the best selected point across candidates, by the same rule
+        (``entries``: the whole pool, the price of finding it)."""
         swept = [self._sweep(row, f"candidate:{j}", vid, tau, seed) for j, (vid, tau) in enumerate(singles)]
+        points = len(singles) * len(self.lambdas)  # every candidate's curve is read to find the best
         for c, crit in enumerate(self.criteria):
             feasible = [picks[c] for picks in swept if picks[c][1] is not None]
             best, _ = self._select([(None, val) for _, _, val in feasible], crit) if feasible else (None, "")
             if best is None:
+                self.rec.charge(row, method, self._cost([], entries, val_points=points), crit)
                 self._record(row, method, None, None, "no candidate has a feasible lambda", seed, crit)
                 continue
             lam, chosen, _ = feasible[best]
+            unlearn = [e for e in entries if chosen[0].startswith(f"{e.key}@")]  # its model id: "<pool key>@lambda"
+            self.rec.charge(row, method, self._cost(unlearn, entries, val_points=points), crit)
             self._record(row, method, chosen, lam, "", seed, crit, at_edge=lam == max(self.lambdas))
+
+    def _single_run(self, row: dict, method: str, default, seed: int) -> None:
+        """The one fine-tune at the pool grid's default setting (a sweep on disk: its first candidate),
+        negated at its selected lambda: what a user without a hyperparameter sweep gets."""
+        self.rec.charge(row, method, self._cost([default], val_points=len(self.lambdas)))
+        if default.status != "ok":
+            for crit in self.criteria:
+                reason = f"the default setting's fine-tune failed: {default.error}"
+                self._record(row, method, None, None, reason, seed, crit)
+            return
+        picks = self._sweep(row, method, default.key, load_file(default.path), seed)
+        for crit, (lam, chosen, _) in zip(self.criteria, picks, strict=True):
+            edge = lam == max(self.lambdas) if lam is not None else False
+            self._record(row, method, chosen, lam, "no feasible lambda", seed, crit, at_edge=edge)
 
     def _sweep(
         self, row: dict, method: str, vid: str, tau, seed: int, record: bool = True
@@ -444,6 +475,22 @@ class ClassicRun:
             best, _ = self._select(scored, crit, along_lambda=True)
             picks.append((None, None, None) if best is None else (self.lambdas[best], scored[best][0], scored[best][1]))
         return picks
+
+    # -- cost ------------------------------------------------------------------------------------
+    def _cost(self, unlearn=(), select=(), val_points: int = 0) -> Cost:
+        """A method's cost (bench.cost): its training from the cache records, and ``val_points``
+        selection-time evaluations (``_metrics(full=False)``: Dr subsample, Df, Val, and the attack's
+        members under avg_gap), plus the reference model's evaluation that selection compares with."""
+        d = self.data
+        val_pass = len(self.dr_small) + len(self.df) + len(d.val_y)
+        if self.cfg.selection.rule == "avg_gap":
+            val_pass += len(self.mia_members)
+        points = val_points + 1 if val_points else 0
+        return charge(unlearn, select, points * val_pass, self._flops_per_image)
+
+    @functools.cached_property
+    def _flops_per_image(self) -> float:
+        return forward_flops(self._new_model(), self.data.to_input(self.data.train_x[:1]))
 
     # -- main ------------------------------------------------------------------------------------
     def _setup_seed(self, seed: int) -> None:
@@ -506,8 +553,10 @@ class ClassicRun:
                 self.retrain_metrics = self._evaluate(*retrain, seed)
                 self.retrain_val = self._evaluate(*retrain, seed, full=False)
             references = {"before": original, "target": retrain}
+            made = {"before": self.trained_entries["original"], "target": self.trained_entries["retrain"]}
             for method in cfg.methods:
                 if get_method(method).kind == "reference":
+                    self.rec.charge(row, method, self._cost([made[get_method(method).role]]))
                     for crit in self.criteria:
                         self._record(row, method, references[get_method(method).role], None, "", seed, crit)
             for method in training_methods(cfg):

@@ -9,6 +9,7 @@ the pool-size ablation; and the training-based methods (``baselines``), each a g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ from baselines import get_merge, get_method
 from bench.backbones import Backbone, load_backbone, visual_state
 from bench.codehash import code_digest
 from bench.config import ClipSuite
+from bench.cost import FREE, Cost, charge, forward_flops
 from bench.data import ImageSplit, TaskData, load_task, prepare_eval
 from bench.data.damaged import BadImageCheck
 from bench.data.preprocessed import PreprocessedCache
@@ -476,6 +478,29 @@ class ClipRun:
     def _head(self, task: TaskData):
         return cached_head(self.backbone, self.backbone_id, task.classnames, task.templates, self.cache, self.rt)
 
+    # -- cost ------------------------------------------------------------------------------------
+    @property
+    def _curve_points(self) -> int:
+        """Val passes of one lambda curve (lambda = 0 is theta_0, scored once by the zero-shot stage)."""
+        return sum(lam != 0.0 for lam in self.lambdas)
+
+    @property
+    def _default_index(self) -> int:
+        """The single run's place in the pool: the grid's default setting (a pool from disk: its first
+        candidate, in the sweep's order)."""
+        return self.cfg.finetune.default_index if self.cfg.pool is None else 0
+
+    @functools.cached_property
+    def _flops_per_image(self) -> float:
+        size = self.backbone.image_size
+        return forward_flops(self.backbone.visual, torch.zeros(1, 3, size, size))
+
+    def _cost(self, ctx: EvalContext, unlearn=(), select=(), val_points: int = 0) -> Cost:
+        """A method's cost (bench.cost): its training from the pool records, and ``val_points`` Val
+        passes over forget and control Val, plus theta_0's pass that sets the floor's reference."""
+        val_pass = len(ctx.task.val) + len(ctx.control.val)
+        return charge(unlearn, select, (val_points + 1) * val_pass, self._flops_per_image)
+
     # -- main ------------------------------------------------------------------------------------
     def run(self) -> RunRecorder:
         tasks = self.tasks = self._setup()
@@ -525,15 +550,18 @@ class ClipRun:
             self._zero_shot(ctx)
         if uses_pool(cfg.methods):
             with self.rec.timed(f"pool {name} seed {seed}"):
-                ok = [e for e in self._pool(seed, ctx.task, ctx.head) if e.status == "ok"]
+                entries = self._pool(seed, ctx.task, ctx.head)
+                ok = [e for e in entries if e.status == "ok"]
             if not ok:
                 self._later(
                     partial(self.rec.note, f"{name} seed {seed}: every candidate failed; no task-vector method can run")
                 )
                 return
             vectors = self._merges(ctx, ok)
+            for method in vectors:  # a merge's model needs every candidate; its selection, one curve
+                self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=ok, val_points=self._curve_points))
             with self.rec.timed(f"lambda sweep {name} seed {seed}"):
-                self._single_best(ctx, ok)
+                self._single_vectors(ctx, ok, entries[self._default_index])
                 self._sweep_merges(ctx, vectors)
             if cfg.ablation is not None and cfg.ablation.sizes is not None and len(ok) > 2:
                 with self.rec.timed(f"pool-size ablation {name} seed {seed}"):
@@ -554,6 +582,7 @@ class ClipRun:
         test = self._cached_test("zero-shot", 0.0, lambda: self.theta0, ctx)
         for method in self.cfg.methods:
             if get_method(method).kind == "reference":
+                self.rec.charge(ctx.row, method, FREE)
                 for crit in self.criteria:
                     self._result(ctx, method, Selection(0.0, forget_val, ctx.zs_control_val, False), test, crit)
 
@@ -601,32 +630,61 @@ class ClipRun:
         lambdas = self.lambdas if lambdas is None else lambdas
         return select_lambda(lambdas, forget, control, ctx.zs_control_val, crit.floor, crit.rule)
 
-    def _single_best(self, ctx: EvalContext, ok: list[PoolEntry]) -> None:
-        """Each candidate swept on its own; reported: the candidate whose selected point forgets most."""
-        methods = [m for m in self.cfg.methods if get_method(m).kind == "single"]
+    def _single_vectors(self, ctx: EvalContext, ok: list[PoolEntry], default: PoolEntry) -> None:
+        """Single task vectors, each candidate swept on its own. ``single_best`` reports the candidate
+        whose selected point forgets most (the whole sweep is its price); ``single_run`` the one
+        fine-tune at the grid's default setting (``default``), as a user without a sweep has it."""
+        methods = {get_method(m).candidate: m for m in self.cfg.methods if get_method(m).kind == "single"}
         if not methods:
             return
-        taus = [partial(load_file, entry.path) for entry in ok]
+        swept = ok if "best" in methods else [e for e in ok if e.key == default.key]
+        taus = [partial(load_file, entry.path) for entry in swept]
         curves = self._curves(
-            ctx, [(e.key, tau) for e, tau in zip(ok, taus, strict=True)], f"lambda: {len(ok)} candidates"
+            ctx, [(e.key, tau) for e, tau in zip(swept, taus, strict=True)], f"lambda: {len(swept)} candidates"
         )
-        for j, (entry, (fv, cv)) in enumerate(zip(ok, curves, strict=True)):
-            self.rec.curve(ctx.row, f"candidate:{j}", self.lambdas, fv, cv, label=entry.spec["params"])
+        for entry, (fv, cv) in zip(swept, curves, strict=True):
+            self.rec.curve(ctx.row, f"candidate:{ok.index(entry)}", self.lambdas, fv, cv, label=entry.spec["params"])
         for crit in self.criteria:
             singles = [self._select(ctx, fv, cv, crit) for fv, cv in curves]
-            best = best_single(singles, crit.rule)
-            if best is None:
-                self._result(ctx, methods[0], singles[0], None, crit)
-                continue
-            sel, tau = singles[best], taus[best]
-            test = self._cached_test(
-                ok[best].key,
-                sel.lam,
-                lambda sel=sel, tau=tau: Edit(tau(), -sel.lam, self.linear_edits),
-                ctx,
-                self.vector_tag,
-            )
-            self._result(ctx, methods[0], sel, test, crit, chosen=ok[best].key)
+            if "best" in methods:
+                self._single_best(ctx, methods["best"], swept, singles, taus, crit)
+            if "default" in methods:
+                self._single_run(ctx, methods["default"], default, swept, singles, taus, crit)
+
+    def _single_best(self, ctx: EvalContext, method: str, ok: list, singles: list, taus: list, crit) -> None:
+        best = best_single(singles, crit.rule)
+        points = len(ok) * self._curve_points  # every candidate's curve is read to find the best
+        if best is None:
+            self.rec.charge(ctx.row, method, self._cost(ctx, select=ok, val_points=points), crit)
+            self._result(ctx, method, singles[0], None, crit)
+            return
+        self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=[ok[best]], select=ok, val_points=points), crit)
+        self._result(
+            ctx,
+            method,
+            singles[best],
+            self._vector_test(ok[best], singles[best], taus[best], ctx),
+            crit,
+            chosen=ok[best].key,
+        )
+
+    def _single_run(
+        self, ctx: EvalContext, method: str, default: PoolEntry, swept: list, singles: list, taus: list, crit
+    ) -> None:
+        self.rec.charge(ctx.row, method, self._cost(ctx, unlearn=[default], val_points=self._curve_points), crit)
+        if default.status != "ok":
+            failed = Selection(None, None, None, False, f"the default setting's fine-tune failed: {default.error}")
+            self._result(ctx, method, failed, None, crit)
+            return
+        j = [e.key for e in swept].index(default.key)
+        test = self._vector_test(default, singles[j], taus[j], ctx) if singles[j].feasible else None
+        self._result(ctx, method, singles[j], test, crit, chosen=default.key)
+
+    def _vector_test(self, entry: PoolEntry, sel: Selection, tau, ctx: EvalContext) -> Future:
+        """Test metrics of one candidate's vector at its selected lambda (cached)."""
+        return self._cached_test(
+            entry.key, sel.lam, lambda: Edit(tau(), -sel.lam, self.linear_edits), ctx, self.vector_tag
+        )
 
     def _sweep_merges(self, ctx: EvalContext, vectors: dict[str, tuple[str, Any]]) -> None:
         requests = [(vid, lambda merged=merged: merged) for vid, merged in vectors.values()]
@@ -753,6 +811,9 @@ class ClipRun:
                 replace(self._select(ctx, [fv], [cv], crit, lambdas=[1.0]), at_grid_edge=False) for fv, cv in scores
             ]
             best = best_single(selections, crit.rule) if selections else None
+            unlearn = [entries[best]] if best is not None else []
+            cost = self._cost(ctx, unlearn=unlearn, select=entries, val_points=len(entries))
+            self.rec.charge(ctx.row, method, cost, crit)
             if best is None:
                 none = Selection(None, None, None, False, f"no {method} setting keeps the control floor")
                 self._result(ctx, method, none, None, crit)

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bench.io import write_atomic, write_text_atomic  # noqa: E402
+from bench.report_cost import cost_quality_figure  # noqa: E402
 from bench.runfiles import load_run, read_table  # noqa: E402, F401  (load_run: the report's entry reads a run)
 from bench.sanity import classic_sanity  # noqa: E402
 from bench.selection import select_lambda  # noqa: E402
@@ -674,8 +675,10 @@ def build_report(run_dir: Path) -> list[Path]:
         ablation = pd.read_csv(run_dir / "ablation.csv") if (run_dir / "ablation.csv").is_file() else None
         ablated = (cfg.get("ablation") or {}).get("method", "negmerge")  # runs before the option: NegMerge
         written += clip_figures(main, curves, out, floor, ablation, ablated)
+        written += cost_quality_figure(main, "clip", out, _save, plain, colour, ablation, ablated)
     else:
         written += classic_figures(main, curves, out, floor)
+        written += cost_quality_figure(main, "classic", out, _save, plain, colour)
     if several:  # one table, trade-off figure and summary section per criterion
         sections = [f"Selection: {main_rule}, floor {floor:g} (the main table; the other criteria below)", "", table_md]
         for i, (rule, f) in enumerate(found):

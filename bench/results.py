@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.cost import COST_COLUMNS, Cost
 from bench.io import write_json_atomic, write_text_atomic
 from bench.selection import Selection
 from bench.studies import POOLS_FILE, THRESHOLD_FILE
@@ -34,6 +35,13 @@ RESULT_COLUMNS = [
     "floor",
     "selection_rule",
 ]
+ROW_FIELDS = ("backbone", "dataset", "seed")  # what identifies a (dataset, seed) of a row, with the method
+
+
+def _row_key(row: dict, method: str) -> tuple:
+    return (*(row.get(k) for k in ROW_FIELDS), method)
+
+
 PACKAGES = [
     "negmerge-bench",
     "torch",
@@ -93,6 +101,7 @@ class RunRecorder:
         # one scored setting; test = one test evaluation at a selected point. Selection criteria share them.
         self.passes = {"val": 0, "test": 0}
         self._passes_lock = threading.Lock()  # lanes and the scoring thread count concurrently
+        self.costs: dict[tuple, tuple[dict, str, Cost, tuple]] = {}  # (row, method) -> what the method spent
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
 
@@ -230,16 +239,58 @@ class RunRecorder:
             },
         }
 
+    def charge(self, row: dict, method: str, cost: Cost, criterion: Any = None) -> None:
+        """What ``method`` spent for this row's (dataset, seed): its cost columns (bench.cost). Where
+        the selection criterion changes what is charged (which setting was chosen), per ``criterion``;
+        otherwise one charge stands for every criterion."""
+        crit = (None, None) if criterion is None else (float(criterion.floor), criterion.rule)
+        self.costs[(*_row_key(row, method), *crit)] = (row, method, cost, crit)
+
+    def cost_table(self) -> pd.DataFrame:
+        """costs.csv: each method's cost per (dataset, seed), with the wall seconds of its training as
+        the cache records measured it and the device it ran on (not in results.csv: seconds differ
+        between machines and runs, results.csv must not)."""
+        device = self.runtime.get("device", "")
+        records = [
+            {
+                "suite": self.cfg.name,
+                **row,
+                "method": method,
+                "floor": crit[0],
+                "selection_rule": crit[1],
+                **cost.columns(),
+                "train_seconds": round(cost.seconds, 2),
+                "device": device,
+            }
+            for row, method, cost, crit in self.costs.values()
+        ]
+        return pd.DataFrame(records)
+
     def note(self, message: str) -> None:
         self.notes.append(message)
 
     def table(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=RESULT_COLUMNS)
+        rows = []
+        first: dict[tuple, Cost] = {}  # (row, method) -> its first charge: for rows of no criterion
+        for key, (_, _, cost, _) in self.costs.items():
+            first.setdefault(key[:-2], cost)
+        for row in self.rows:
+            key = _row_key({k: row[k] for k in ROW_FIELDS if k in row}, row["method"])
+            floor = None if row["floor"] is None else float(row["floor"])
+            spent = self.costs.get((*key, floor, row["selection_rule"])) or self.costs.get((*key, None, None))
+            cost = spent[2] if spent else first.get(key)
+            rows.append({**row, **(cost.columns() if cost else {})})
+        table = pd.DataFrame(rows, columns=RESULT_COLUMNS + COST_COLUMNS)
+        counts = [c for c in COST_COLUMNS if c != "gflops"]
+        table[counts] = table[counts].astype("Int64")  # integers, blank where unknown (not 1234.0)
+        return table
 
     def finish(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.out / "results.csv", self.table().to_csv(index=False))
         write_text_atomic(self.out / "curves.csv", pd.DataFrame(self.curves).to_csv(index=False))
+        if self.costs:
+            write_text_atomic(self.out / "costs.csv", self.cost_table().to_csv(index=False))
         if self.ablation:
             write_text_atomic(self.out / "ablation.csv", pd.DataFrame(self.ablation).to_csv(index=False))
         for name, rows in ((THRESHOLD_FILE, self.thresholds), (POOLS_FILE, self.pools)):

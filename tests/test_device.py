@@ -268,7 +268,7 @@ def test_bf16_on_cpu_runs_the_reduced_suite_end_to_end(tiny_backbone, tmp_path, 
     assert len(pools["bf16"]) == 5 and not pools["bf16"] & pools["fp32"]  # 4 candidates and GA, each made twice
     assert not any(e["cached"] for e in manifests["fp32"]["pool"])
 
-    methods = {"zeroshot", "single_best", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
+    methods = {"zeroshot", "single_best", "single_run", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
     assert set(results["bf16"].method) == set(results["fp32"].method) == methods
     for method in methods:  # its results, or (GA's setting may miss the floor in bf16) its row saying so
         assert_reported(results["bf16"], manifests["bf16"], method, 0, {"forget_acc", "control_acc", "mia_efficacy"})

@@ -26,6 +26,7 @@ ALL_METHODS = {
     "l1_sparse",
     "salun",
     "single_best",
+    "single_run",
     "average",
     "ties",
     "magmax",
@@ -239,3 +240,38 @@ def test_sigkill_at_every_stage_loses_nothing(classic_run, tmp_path):
     resumed = pd.read_csv(tmp_path / "run" / "results.csv")
     uninterrupted = pd.read_csv(classic_run / "results.csv")
     pd.testing.assert_frame_equal(resumed, uninterrupted)
+
+
+def _sgd_samples(n: int, params) -> int:
+    """Samples SGD steps through: round(epochs x batches per epoch) steps, the last batch of an epoch short."""
+    import math
+
+    per_epoch = max(1, math.ceil(n / params.batch_size))
+    sizes = [min(params.batch_size, n - b * params.batch_size) for b in range(per_epoch)]
+    total = max(1, int(round(params.epochs * per_epoch)))
+    return sum(sizes[s % per_epoch] for s in range(total))
+
+
+@pytest.mark.integration
+def test_each_methods_training_cost_recomputed_from_the_config_equals_its_row(classic_run):
+    from bench.config import load_suite
+
+    cfg = load_suite("mini-classic-tiny")
+    results = pd.read_csv(classic_run / "results.csv")
+    costs = results.drop_duplicates(["seed", "method"]).set_index(["seed", "method"])
+    n = cfg.data.train_limit
+    n_forget = round(cfg.forget.fraction * n)
+    for seed in cfg.seeds:
+        row = costs.loc[seed]
+        train = cfg.train.points(seed)[0]
+        assert row.loc["original", "train_samples"] == _sgd_samples(n, train)
+        assert row.loc["retrain", "train_samples"] == _sgd_samples(n - n_forget, train)
+        pool = [_sgd_samples(n_forget, p) for p in cfg.pool.points(seed)]
+        assert row.loc["negmerge", "train_samples_unlearn"] == sum(pool)
+        assert row.loc["single_run", "train_samples"] == pool[cfg.pool.default_index]
+        assert row.loc["single_best", "train_samples"] == sum(pool)
+        ga = [_sgd_samples(n_forget, p) for p in cfg.baselines["ga"].points(seed)]  # ascent on Df
+        ft = [_sgd_samples(n - n_forget, p) for p in cfg.baselines["ft"].points(seed)]  # descent on Dr
+        assert row.loc["ga", "train_samples"] == sum(ga)
+        assert row.loc["ft", "train_samples"] == sum(ft)
+        assert row.loc["ft", "train_samples_unlearn"] in ft

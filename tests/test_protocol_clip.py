@@ -20,7 +20,7 @@ from bench.cli import main
 from tests.faults import count, kill_at_stages, run_to_completion
 
 pytestmark = pytest.mark.integration
-ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
+ALL_METHODS = {"zeroshot", "single_best", "single_run", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +285,38 @@ def test_a_queue_of_curves_makes_each_vector_once_and_drops_it_after_its_last_po
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(point, items)) == [float(i) for i, _ in items]
     assert sorted(made) == [0, 1, 2] and not held._made  # each made once; none held after its last point
+
+
+def _samples(points, n: int) -> list[int]:
+    return [p.total_steps(n) * p.grad_accum * min(p.batch_size, n) for p in points]
+
+
+def test_each_methods_training_cost_recomputed_from_the_config_equals_its_row(tiny_run):
+    """Every row's training samples (bench.cost, counted by the training loop and kept in the cache
+    records) against the fine-tuning arithmetic of the config: steps x accumulation x batch."""
+    from bench.config import load_suite
+    from bench.data import load_task
+
+    cfg = load_suite("mini-clip-tiny")
+    results = pd.read_csv(tiny_run / "results.csv")
+    costs = results.drop_duplicates(["dataset", "seed", "method"]).set_index(["dataset", "seed", "method"])
+    for name in cfg.forget:
+        n = len(load_task(name, **cfg.data.load_kwargs()).train)
+        for seed in cfg.seeds:
+            pool = _samples(cfg.finetune.points(seed), n)
+            ga = _samples(cfg.baselines["ga"].points(seed), n)  # GA trains on the forget set, as the pool
+            row = costs.loc[(name, seed)]
+            for merge in ("average", "ties", "magmax", "dare", "iso_c", "negmerge"):
+                assert (row.loc[merge, "train_samples_unlearn"], row.loc[merge, "train_samples_select"]) == (
+                    sum(pool),
+                    0,
+                )
+            assert row.loc["single_best", "train_samples"] == sum(pool)
+            assert row.loc["single_best", "train_samples_unlearn"] in pool
+            assert row.loc["single_run", "train_samples"] == pool[cfg.finetune.default_index]
+            assert row.loc["ga", "train_samples"] == sum(ga)
+            assert row.loc["zeroshot", "train_samples"] == 0
+            val = row.val_samples_select  # one curve each; the best single reads every candidate's
+            assert val["negmerge"] == val["single_run"] < val["single_best"]
+    spent = pd.read_csv(tiny_run / "costs.csv")
+    assert (spent.device == "cpu").all() and (spent.loc[spent.method != "zeroshot", "train_seconds"] > 0).all()

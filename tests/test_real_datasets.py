@@ -23,7 +23,7 @@ from negmerge import task_vector
 from tests.layouts import colour_images, digits, write_folders, write_mnist_idx, write_wds
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-ALL_METHODS = {"zeroshot", "single_best", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
+ALL_METHODS = {"zeroshot", "single_best", "single_run", "average", "ties", "magmax", "dare", "iso_c", "negmerge", "ga"}
 
 
 @pytest.fixture(scope="module")
