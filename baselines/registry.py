@@ -3,7 +3,9 @@ report read. Adding a method is one module in ``baselines/`` plus one ``register
 
 Kinds: ``reference`` rows are models, not methods (zero-shot, Original, Retrain); ``single`` is the
 best single task vector; ``merge`` combines the candidate pool's task vectors (a function of them);
-``training`` trains a model (a ``TrainingMethod`` class).
+``training`` trains a model (a ``TrainingMethod`` class); ``sharded`` is an ensemble trained from
+scratch on shards of the training set (SISA, ``baselines.sisa``): its settings are a section of the
+suite named after it, and only a protocol listed in ``protocols`` runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from negmerge.errors import MergeInputError
 from negmerge.merge import sign_consensus_merge
 
 MergeFn = Callable[..., dict[str, torch.Tensor]]
-Kind = Literal["reference", "single", "merge", "training"]
+Kind = Literal["reference", "single", "merge", "training", "sharded"]
 TASK_VECTOR_KINDS = ("single", "merge")  # the methods built from the candidate pool
 
 
@@ -176,6 +178,7 @@ register(Method("ga", "training", "GA", "tab:olive", training=GradientAscent))
 register(Method("rl", "training", "RL", "tab:pink", training=RandomLabel))
 register(Method("l1_sparse", "training", r"$\ell_1$-sparse", "#7f7f00", training=L1Sparse))
 register(Method("salun", "training", "SalUn", "#17becf", training=SalUn))
+register(Method("sisa", "sharded", "SISA", "darkgoldenrod", protocols=("classic",)))
 register(Method("single_best", "single", "Single best TA", "tab:purple", protocols=("clip", "classic")))
 register(Method("average", "merge", "Uniform merge", "tab:blue", merge=average_merge, elementwise=True))
 register(Method("ties", "merge", "TIES", "tab:orange", merge=ties_merge))

@@ -83,6 +83,7 @@ class RunRecorder:
         self.ablation: list[dict[str, Any]] = []
         self.timings: dict[str, float] = {}
         self.cache_entries: dict[str, list[str]] = {}
+        self.unlearning: list[dict[str, Any]] = []  # SISA: what unlearning retrained, against Retrain
         self.bad_images: list[dict[str, Any]] = []  # damaged images data.bad_images=skip left out
         self.started = datetime.now(timezone.utc)
         self._t0 = time.perf_counter()
@@ -199,6 +200,7 @@ class RunRecorder:
             "selections": self.selections,
             "notes": self.notes,
             "bad_images": self.bad_images,
+            **({"unlearning_cost": self.unlearning} if self.unlearning else {}),
             "cache_entries": self.cache_entries,  # what `cache gc --keep` keeps for this run
         }
         write_json_atomic(self.out / "manifest.json", manifest)
