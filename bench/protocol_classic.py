@@ -555,12 +555,12 @@ class ClassicRun:
             for method in training_methods(cfg):
                 with self.rec.timed(method):
                     self._baseline(row, method, seed)
-            for setting in cfg.sisa.settings() if "sisa" in cfg.methods else ():
-                with self.rec.timed(setting.name):
-                    self._sisa(row, setting, seed)
             if uses_pool(cfg.methods):
                 with self.rec.timed("task vectors"):
                     self._task_vectors(row, seed)
+            for setting in cfg.sisa.settings() if "sisa" in cfg.methods else ():  # last: earlier rows stay as they were
+                with self.rec.timed(setting.name):
+                    self._sisa(row, setting, seed)
         self.rec.cache_entries["evals"] = sorted(self.evals.used)
         self.rec.note(
             f"BatchNorm statistics: {cfg.bn}; selection rule: {cfg.selection.rule}; floor {cfg.selection.floor}"
