@@ -216,3 +216,17 @@ def test_one_shard_one_slice_is_retrain(tmp_path):
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert cost["speedup_samples"] == 1.0
+
+
+def test_a_setting_row_is_drawn_as_its_method():
+    from bench.report import _ordered, colour, display, kind
+
+    name = "sisa[S=5,R=4]"
+    assert (display(name), kind(name), colour(name)) == ("SISA (S=5, R=4)", "sharded", "darkgoldenrod")
+    assert _ordered(["negmerge", "sisa[S=10,R=1]", "retrain", "sisa[S=5,R=1]", "ft"]) == [
+        "retrain",
+        "ft",
+        "sisa[S=10,R=1]",  # the run's order among a method's settings
+        "sisa[S=5,R=1]",
+        "negmerge",
+    ]
