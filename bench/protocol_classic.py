@@ -26,6 +26,7 @@ from bench.classifiers import build_classifier
 from bench.codehash import code_digest
 from bench.config import ClassicSuite
 from bench.data.classic import forget_indices, load_classic
+from bench.errors import BenchError
 from bench.evalcache import EvalCache, vector_id
 from bench.io import write_json_atomic
 from bench.metrics import avg_gap, membership_metrics
@@ -523,6 +524,13 @@ class ClassicRun:
             download=cfg.data.download,
         )
         everything = torch.arange(len(d.train_y))
+        for setting in cfg.sisa.settings() if "sisa" in cfg.methods else ():  # before any training
+            if setting.shards * setting.slices > len(d.train_y):
+                raise BenchError(
+                    f"sisa: {setting.shards} shards x {setting.slices} slices need at least "
+                    f"{setting.shards * setting.slices} training samples, {cfg.dataset} has {len(d.train_y)}: "
+                    "lower sisa.shards or sisa.slices"
+                )
         unit = self.unit
         for seed in cfg.seeds:
             if unit is not None and unit.seed != seed:

@@ -230,3 +230,14 @@ def test_a_setting_row_is_drawn_as_its_method():
         "sisa[S=5,R=1]",
         "negmerge",
     ]
+
+
+def test_more_shards_than_samples_fail_before_any_training(tmp_path, capsys, monkeypatch):
+    from bench.cli import main
+
+    monkeypatch.setenv("NEGMERGE_CACHE", str(tmp_path / "cache"))
+    overrides = [*SMALL, "sisa={shards: 100, slices: 3}"]
+    args = ["run", "mini-classic-tiny", "--out", str(tmp_path / "run"), "--no-report"]
+    assert main([*args, *(a for o in overrides for a in ("--set", o))]) == 2
+    assert "lower sisa.shards or sisa.slices" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
