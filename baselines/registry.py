@@ -2,8 +2,11 @@
 report read. Adding a method is one module in ``baselines/`` plus one ``register`` line below.
 
 Kinds: ``reference`` rows are models, not methods (zero-shot, Original, Retrain); ``single`` is one
-task vector (the best of the pool, or the single run at the grid's default setting); ``merge`` combines the candidate pool's task vectors (a function of them);
-``training`` trains a model (a ``TrainingMethod`` class).
+task vector (the best of the pool, or the single run at the grid's default setting); ``merge``
+combines the candidate pool's task vectors (a function of them); ``training`` trains a model (a
+``TrainingMethod`` class); ``sharded`` is an ensemble trained from scratch on shards of the training
+set (SISA, ``baselines.sisa``): its settings are a section of the suite named after it, and only a
+protocol listed in ``protocols`` runs it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from negmerge.errors import MergeInputError
 from negmerge.merge import sign_consensus_merge
 
 MergeFn = Callable[..., dict[str, torch.Tensor]]
-Kind = Literal["reference", "single", "merge", "training"]
+Kind = Literal["reference", "single", "merge", "training", "sharded"]
 TASK_VECTOR_KINDS = ("single", "merge")  # the methods built from the candidate pool
 
 
@@ -179,6 +182,7 @@ register(Method("ga", "training", "GA", "tab:olive", training=GradientAscent))
 register(Method("rl", "training", "RL", "tab:pink", training=RandomLabel))
 register(Method("l1_sparse", "training", r"$\ell_1$-sparse", "#7f7f00", training=L1Sparse))
 register(Method("salun", "training", "SalUn", "#17becf", training=SalUn))
+register(Method("sisa", "sharded", "SISA", "darkgoldenrod", protocols=("classic",)))
 register(Method("single_best", "single", "Single best TA", "tab:purple", protocols=("clip", "classic")))
 register(
     Method("single_run", "single", "Single run TA", "#c5b0d5", protocols=("clip", "classic"), candidate="default")

@@ -54,6 +54,18 @@ class SgdParams:
         return ",".join(f"{k}={v}" for k, v in asdict(self).items() if v != getattr(default, k)) or "defaults"
 
 
+def steps_of(n: int, params: SgdParams) -> int:
+    """Optimiser steps ``train`` takes on n samples: ``epochs`` passes of ceil(n / batch_size) batches."""
+    return max(1, int(round(params.epochs * max(1, math.ceil(n / params.batch_size)))))
+
+
+def samples_seen(n: int, params: SgdParams) -> int:
+    """Training samples ``train`` processes (forward and backward) on n samples: every full pass sees all
+    n, a last partial pass its first steps' full batches (a pass's last, short batch ends it)."""
+    steps, per_pass = steps_of(n, params), max(1, math.ceil(n / params.batch_size))
+    return (steps // per_pass) * n + (steps % per_pass) * params.batch_size
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator, flip_gen: torch.Generator) -> torch.Tensor:
     """Random crop (one offset per batch, drawn on the host: no device read) and per-image flips,
     drawn by ``flip_gen`` on the batch's device (a host draw would be an upload every step)."""
@@ -89,8 +101,7 @@ def train(
     watch = FiniteWatch(desc)
     opt = torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
     n = len(labels)
-    steps_per_epoch = max(1, math.ceil(n / params.batch_size))
-    total = max(1, int(round(params.epochs * steps_per_epoch)))
+    total = steps_of(n, params)
     if params.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     else:

@@ -80,14 +80,22 @@ def _methods(names: list[str] | None, info: ValidationInfo) -> list[str]:
     protocol, baselines = info.data.get("protocol"), info.data.get("baselines", {})
     if protocol is None:
         return names or []
+
+    def settings(m: str) -> str | None:
+        """Where ``m``'s settings go, when it has none yet (a sharded method: its own section)."""
+        kind = get_method(m).kind
+        if kind == "training" and m not in baselines:
+            return f"baselines.{m}"
+        return m if kind == "sharded" and info.data.get(m) is None else None
+
     if names is None:
-        names = [m for m in offered_methods(protocol) if get_method(m).kind != "training" or m in baselines]
+        names = [m for m in offered_methods(protocol) if settings(m) is None]
     if not names:
         raise ValueError("give at least one method")
     _offered("any", "method", names, protocol)
-    missing = [m for m in names if get_method(m).kind == "training" and m not in baselines]
+    missing = [m for m in names if settings(m) is not None]
     if missing:
-        raise ValueError(f"method {missing[0]!r} needs settings under baselines.{missing[0]}")
+        raise ValueError(f"method {missing[0]!r} needs settings under {settings(missing[0])}")
     return names
 
 
@@ -750,6 +758,34 @@ class ClassicMiaCfg(Strict):
     n_nonmembers: int = Field(2000, gt=1)  # test samples it trains on as non-members
 
 
+class SisaCfg(Strict):
+    """SISA (baselines.sisa): every (shards, slices) point of the grid is one result row."""
+
+    shards: int | list[int]
+    slices: int | list[int] = 1
+    aggregate: Literal["vote", "mean_softmax"] = "vote"
+    seed: int = 0  # the shard and slice assignment's seed
+
+    @model_validator(mode="after")
+    def _settings_valid(self) -> SisaCfg:
+        for axis in ("shards", "slices"):
+            if getattr(self, axis) == []:
+                raise ValueError(f"sisa.{axis}: give at least one value")
+        _check_points(self.settings, "sisa setting")
+        return self
+
+    def settings(self):
+        from baselines.sisa import SisaSetting
+
+        def axis(value: int | list[int]) -> list[int]:
+            return value if isinstance(value, list) else [value]
+
+        return [
+            SisaSetting(s, r, self.aggregate, self.seed)
+            for s, r in itertools.product(axis(self.shards), axis(self.slices))
+        ]
+
+
 class ClassicSuite(MethodChecks):
     """Protocol B: random-data forgetting on standard classifiers, against Retrain (docs/protocols.md#protocol-b)."""
 
@@ -769,6 +805,7 @@ class ClassicSuite(MethodChecks):
     baseline_params: dict[str, dict[str, float]] = {}  # per method; unset parameters take its defaults
     pool: SgdGridCfg  # the task-vector candidates: fine-tune the Original on Df
     merge_params: dict[str, dict[str, Any]] = {}  # per merge; unset parameters take the merge's defaults
+    sisa: SisaCfg | None = None  # SISA's shards x slices grid (docs/protocols.md#sisa)
     methods: list[str] | None = Field(None, validate_default=True)  # default: all offered, with settings
     bn: Literal["keep", "recalibrate"] = "keep"
     selection: ClassicSelectionCfg = ClassicSelectionCfg(lambda_start=0.5, lambda_stop=4.0, lambda_step=0.5)

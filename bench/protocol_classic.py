@@ -13,6 +13,7 @@ import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from baselines import get_merge, get_method
-from bench.classic_train import logits_of, saliency_mask, train
+from baselines import get_merge, get_method, sisa
+from bench.classic_train import logits_of, saliency_mask, samples_seen, train
 from bench.classifiers import build_classifier
 from bench.codehash import code_digest
 from bench.config import ClassicSuite
 from bench.cost import Cost, charge, forward_flops
 from bench.data.classic import forget_indices, load_classic
+from bench.errors import BenchError
 from bench.evalcache import EvalCache, vector_id
 from bench.io import write_json_atomic
 from bench.metrics import avg_gap, membership_metrics
@@ -122,7 +124,18 @@ class ClassicRun:
         model.load_state_dict(state)
         return model.eval()
 
+    def _initialised(self, seed: int) -> nn.Module:
+        model = self._new_model()
+        torch.manual_seed(seed)
+        for m in model.modules():  # seed-dependent init
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        return model
+
     def _trained(self, role: str, index: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        return load_file(self._trained_entry(role, index, seed).path)
+
+    def _trained_entry(self, role: str, index: torch.Tensor, seed: int):
         params = self.cfg.train.points(seed)[0]
         spec = {
             "role": role,
@@ -134,11 +147,7 @@ class ClassicRun:
         }
 
         def make():
-            model = self._new_model()
-            torch.manual_seed(seed)
-            for m in model.modules():  # seed-dependent init
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+            model = self._initialised(seed)
             train(
                 model,
                 self.data,
@@ -156,7 +165,7 @@ class ClassicRun:
         self.trained_entries[role] = entry
         if entry.status != "ok":
             raise RuntimeError(f"{role} diverged: {entry.error}")
-        return load_file(entry.path)
+        return entry
 
     # -- metrics ---------------------------------------------------------------------------------
     def _evaluate(self, mid: str, model_fn, seed: int, full: bool = True) -> dict[str, float]:
@@ -177,13 +186,13 @@ class ClassicRun:
         d = self.data
         self.rec.count_pass("test" if full else "val")
         dr = self.dr if full else self.dr_small
-        out = {"retain_acc": _acc(logits_of(model, d, d.train_x[dr], runtime=self.rt), d.train_y[dr])}
-        f_logits = logits_of(model, d, d.train_x[self.df], runtime=self.rt)
-        out["forget_acc"] = _acc(f_logits, d.train_y[self.df])
+        out = {"retain_acc": _acc(self._outputs(model, d.train_x[dr])[0], d.train_y[dr])}
+        f_scores, f_logits = self._outputs(model, d.train_x[self.df])
+        out["forget_acc"] = _acc(f_scores, d.train_y[self.df])
         t_x, t_y = (d.test_x, d.test_y) if full else (d.val_x, d.val_y)
-        t_logits = logits_of(model, d, t_x, runtime=self.rt)
-        out["test_acc"] = _acc(t_logits, t_y)
-        out["val_acc"] = _acc(logits_of(model, d, d.val_x, runtime=self.rt), d.val_y) if full else out["test_acc"]
+        t_scores, t_logits = self._outputs(model, t_x)
+        out["test_acc"] = _acc(t_scores, t_y)
+        out["val_acc"] = _acc(self._outputs(model, d.val_x)[0], d.val_y) if full else out["test_acc"]
         if not full and not self._val_mia:
             return out  # the floor rules need no MIA: skip the attack on every lambda
         # MIA: the attacker learns retain members from test non-members (counts fixed by config) and
@@ -192,7 +201,7 @@ class ClassicRun:
         n_idx = self.mia_nonmembers if full else self.mia_val_nonmembers
         df_scored = (f_logits, d.train_y[self.df])
         out |= membership_metrics(
-            shadow=(logits_of(model, d, d.train_x[m_idx], runtime=self.rt), d.train_y[m_idx]),
+            shadow=(self._outputs(model, d.train_x[m_idx])[1], d.train_y[m_idx]),
             nonmembers=(t_logits[n_idx], t_y[n_idx]),
             targets=df_scored,
             exposed=df_scored,  # Df was in the Original's training set
@@ -200,6 +209,15 @@ class ClassicRun:
             seed=seed,
         )
         return out
+
+    def _outputs(self, model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores whose argmax is the label, logits the membership attack reads): a model's logits
+        twice; for a SISA ensemble its aggregate and its mean softmax (``baselines.sisa``)."""
+        if isinstance(model, sisa.Ensemble):
+            members = [logits_of(m, self.data, images, runtime=self.rt) for m in model.members]
+            return sisa.aggregate(members, model.how), sisa.attack_logits(members)
+        logits = logits_of(model, self.data, images, runtime=self.rt)
+        return logits, logits
 
     def _select(
         self, scored: list[tuple[Any, dict[str, float]]], crit: Criterion, along_lambda: bool = False
@@ -316,6 +334,106 @@ class ClassicRun:
         entry = self.models.get_or_create(spec, make)
         self.rec.pool_member(entry, method, params.label())
         return entry
+
+    def _sisa_fit(self, seed: int, setting: sisa.SisaSetting):
+        """SISA's training step: the previous checkpoint (None: a fresh seeded init, as Retrain's) trained
+        on ``index`` for the step's epochs with the suite's ``train`` settings. Cached, keyed by the
+        parent checkpoint and the exact indices (recorded in the entry's spec), so a chain that sees the
+        same data meets the same entries."""
+        base = self.cfg.train.points(seed)[0]
+        params = dataclass_replace(base, epochs=sisa.slice_epochs(base.epochs, setting.slices))
+        d = self.data
+
+        def fit(parent, index: torch.Tensor):
+            spec = {
+                "role": "sisa",
+                "model": self.cfg.model.model_dump(),
+                "data": self.cfg.data.model_dump(),
+                "dataset": self.cfg.dataset,
+                "init_seed": seed,
+                "parent": None if parent is None else parent.key,
+                "train_indices": index.tolist(),
+                "params": params.__dict__,
+            }
+
+            def make():
+                model = self._initialised(seed) if parent is None else self._model_from(load_file(parent.path))
+                train(
+                    model,
+                    d,
+                    d.train_x[index],
+                    d.train_y[index],
+                    params,
+                    desc="sisa",
+                    progress=self.cfg.progress,
+                    runtime=self.rt,
+                )
+                return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+            entry = self.models.get_or_create(spec, make)
+            self.rec.pool_member(entry, "sisa", params.label())
+            if entry.status != "ok":
+                raise RuntimeError(f"{setting.name} diverged: {entry.error}")
+            return entry
+
+        return fit, params
+
+    def _sisa(self, row: dict, setting: sisa.SisaSetting, seed: int) -> None:
+        """Train the S chains on all of the training data, unlearn Df (only the affected shards' steps
+        from their first affected slice train again), evaluate the unlearned ensemble and count the cost."""
+        fit, params = self._sisa_fit(seed, setting)
+        assignment = sisa.assign(len(self.data.train_y), setting.shards, setting.slices, setting.seed)
+        trained = [sisa.train_chain(slices, fit) for slices in assignment]
+        unlearned = [sisa.train_chain(slices, fit, self.df) for slices in assignment]
+        members = [chain[-1] for chain in unlearned if chain[-1] is not None]
+        mid = f"sisa:{setting.aggregate}:" + hashlib.sha256(" ".join(e.key for e in members).encode()).hexdigest()[:16]
+
+        def model_fn():
+            return sisa.Ensemble(tuple(self._model_from(load_file(e.path)) for e in members), setting.aggregate)
+
+        for crit in self.criteria:  # nothing is selected: the same row at every criterion
+            self._record(row, setting.name, (mid, model_fn), None, "", seed, crit)
+        cost = sisa.unlearning_cost(assignment, self.df, lambda n: samples_seen(n, params))
+        retrain = self.cfg.train.points(seed)[0]
+        retrain_samples = samples_seen(len(self.dr), retrain)
+        # wall seconds: what each retrained checkpoint cost when it was made (its cache record)
+        done = {e.key for chain in trained for e in chain if e is not None}
+        retrained = {e.key: e.seconds for chain in unlearned for e in chain if e is not None and e.key not in done}
+        sisa_seconds = sum(retrained.values())
+        retrain_seconds = self._trained_entry("retrain", self.dr, seed).seconds
+        counts = {
+            "retrained_shards": cost.shards,
+            "retrained_slices": cost.slices,
+            "retrained_samples": cost.samples,
+            "speedup_samples": retrain_samples / cost.samples if cost.samples else float("inf"),
+        }
+        for metric, value in counts.items():
+            self.rec.extra(row, setting.name, metric, float(value))
+        # its cost row (bench.cost): unlearning is the retraining; SISA's first training, like the
+        # Original's, is paid before any request (the manifest's unlearning_cost has it)
+        self.rec.charge(row, setting.name, Cost(cost.samples, 0, 0, sisa_seconds, self._flops_per_image))
+        self.rec.unlearning.append(
+            {
+                **row,
+                "method": setting.name,
+                "shards": setting.shards,
+                "slices": setting.slices,
+                "aggregate": setting.aggregate,
+                "assignment_seed": setting.seed,
+                "epochs_per_slice": params.epochs,
+                "forget_size": len(self.df),
+                "affected": [{"shard": k, "first_slice": r} for k, r in cost.per_shard],
+                "members": [e.key for e in members],  # the unlearned constituents' checkpoints (classic-models)
+                **counts,
+                "train_samples": sum(
+                    samples_seen(len(sisa.seen(s, r)), params) for s in assignment for r in range(len(s))
+                ),
+                "retrain_samples": retrain_samples,
+                "unlearn_seconds": round(sisa_seconds, 3),
+                "retrain_seconds": round(retrain_seconds, 3),
+                "speedup_seconds": retrain_seconds / sisa_seconds if sisa_seconds else None,
+            }
+        )
 
     def _pool_entry(self, i: int, params):
         """Candidate ``i`` of the pool: the Original fine-tuned on Df, as a task vector (cached)."""
@@ -527,6 +645,13 @@ class ClassicRun:
             download=cfg.data.download,
         )
         everything = torch.arange(len(d.train_y))
+        for setting in cfg.sisa.settings() if "sisa" in cfg.methods else ():  # before any training
+            if setting.shards * setting.slices > len(d.train_y):
+                raise BenchError(
+                    f"sisa: {setting.shards} shards x {setting.slices} slices need at least "
+                    f"{setting.shards * setting.slices} training samples, {cfg.dataset} has {len(d.train_y)}: "
+                    "lower sisa.shards or sisa.slices"
+                )
         unit = self.unit
         for seed in cfg.seeds:
             if unit is not None and unit.seed != seed:
@@ -565,6 +690,9 @@ class ClassicRun:
             if uses_pool(cfg.methods):
                 with self.rec.timed("task vectors"):
                     self._task_vectors(row, seed)
+            for setting in cfg.sisa.settings() if "sisa" in cfg.methods else ():  # last: earlier rows stay as they were
+                with self.rec.timed(setting.name):
+                    self._sisa(row, setting, seed)
         self.rec.cache_entries["evals"] = sorted(self.evals.used)
         sel = cfg.selection
         rules, floors = ", ".join(sel.rule_list), ", ".join(map(str, sel.floor_list))

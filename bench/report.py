@@ -51,8 +51,17 @@ def _method(name: str):
     found = find_method(name)
     if found is not None:
         return found
+    base = find_method(_base(name))
+    if base is not None:  # one setting of a registered method (SISA's sisa[S=5,R=4]): its colour and kind
+        setting = name[len(base.name) :].strip("[]").replace(",", ", ")
+        return Method(name, base.kind, f"{base.display} ({setting})", base.colour, protocols=base.protocols)
     colour = FALLBACK_COLOURS[zlib.crc32(name.encode()) % len(FALLBACK_COLOURS)]
     return Method(name, "single", name.replace("_", r"\_"), colour)
+
+
+def _base(name: str) -> str:
+    """The registered method a row name is a setting of: ``sisa[S=5,R=4]`` -> ``sisa``."""
+    return name.split("[", 1)[0]
 
 
 def display(name: str) -> str:
@@ -70,7 +79,7 @@ def colour(name: str) -> str:
 def find_registered(name: str) -> bool:
     from baselines import find_method
 
-    return find_method(name) is not None
+    return find_method(_base(name)) is not None
 
 
 def kind(name: str) -> str:
@@ -89,11 +98,12 @@ def references(role: str) -> list[str]:
 
 
 def _ordered(methods) -> list[str]:
-    """Registry order (references, training methods, single best, merges); unregistered names last."""
+    """Registry order (references, training methods, SISA, single best, merges), a method's settings in
+    the order the run wrote them; unregistered names last."""
     from baselines import all_methods
 
     order = [m.name for m in all_methods()]
-    return sorted(methods, key=lambda m: order.index(m) if m in order else len(order))
+    return sorted(methods, key=lambda m: order.index(_base(m)) if _base(m) in order else len(order))
 
 
 def _save(fig, out: Path, stem: str) -> list[Path]:

@@ -96,6 +96,7 @@ class RunRecorder:
         self.study_pools: list[dict[str, Any]] = []  # which pool entries each sub-pool merged
         self.timings: dict[str, float] = {}
         self.cache_entries: dict[str, list[str]] = {}
+        self.unlearning: list[dict[str, Any]] = []  # SISA: what unlearning retrained, against Retrain
         self.bad_images: list[dict[str, Any]] = []  # damaged images data.bad_images=skip left out
         # forward passes this run computed (cache hits are none): Val = one point of a lambda curve or
         # one scored setting; test = one test evaluation at a selected point. Selection criteria share them.
@@ -312,6 +313,7 @@ class RunRecorder:
             "selections": self.selections,
             "notes": self.notes,
             "bad_images": self.bad_images,
+            **({"unlearning_cost": self.unlearning} if self.unlearning else {}),
             "cache_entries": self.cache_entries,  # what `cache gc --keep` keeps for this run
             "forward_passes": dict(self.passes),  # computed this run (bench.results.RunRecorder.passes)
         }
