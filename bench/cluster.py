@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -295,12 +296,13 @@ def _wait(jobs: list[Any]) -> None:
 
 
 def unit_status(run_dir: Path) -> list[dict[str, Any]]:
-    """Every planned unit with its state: done, running, failed, killed (its process is gone), missing."""
+    """Every planned unit with its state: done, running, failed, killed (recorded on SIGTERM, or its
+    process is gone), missing."""
     plan_file = Path(run_dir) / "units" / "plan.json"
     if not plan_file.is_file():
         raise BenchError(f"{run_dir}: no units/plan.json; status reads a run submitted with --executor")
     plan = json.loads(plan_file.read_text())
-    rows = []
+    rows, queue = [], _Queue()
     for phase_no, phase in enumerate(plan["phases"], start=1):
         for d in phase:
             unit = Unit.from_dict(d)
@@ -311,10 +313,39 @@ def unit_status(run_dir: Path) -> list[dict[str, Any]]:
                 row.update(state=s["state"], job=s.get("job_id") or "", error=s.get("error", ""))
                 if s.get("job_id"):
                     row["log"] = str(Path(run_dir) / "cluster-logs" / str(s["job_id"]))
-                if s["state"] == "running" and s["host"] == socket.gethostname() and not _alive(s["pid"]):
+                if s["state"] == "running" and _gone(s, queue):
                     row["state"] = "killed"
             rows.append(row)
     return rows
+
+
+class _Queue:
+    """The SLURM jobs still queued or running, asked of ``squeue`` once, and only when needed (a unit
+    recorded running on another host); None where there is no ``squeue`` to ask."""
+
+    def __init__(self) -> None:
+        self._jobs: set[str] | None = None
+        self._asked = False
+
+    def jobs(self) -> set[str] | None:
+        if not self._asked:
+            self._asked = True
+            command = ["squeue", "--noheader", "--array", "--format=%i"]
+            try:
+                listed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+                self._jobs = set(listed.stdout.split())
+            except (OSError, subprocess.SubprocessError):
+                self._jobs = None
+        return self._jobs
+
+
+def _gone(state: dict[str, Any], queue: _Queue) -> bool:
+    """A unit recorded running whose process is gone (killed without a word: SIGKILL, out of memory, a
+    lost node): on this host its pid is dead; on another, SLURM no longer lists its job."""
+    if state["host"] == socket.gethostname():
+        return not _alive(state["pid"])
+    listed = queue.jobs() if state.get("job_id") else None
+    return listed is not None and str(state["job_id"]) not in listed
 
 
 def _alive(pid: int) -> bool:

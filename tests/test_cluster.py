@@ -254,3 +254,24 @@ def test_the_cancel_recorder_hands_sigterm_on_to_the_handler_before_it(tmp_path)
         assert unit_status(tmp_path)[0]["state"] == "killed"
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_status_asks_the_queue_about_units_running_on_another_host(tmp_path, monkeypatch):
+    """From a login node a compute node's pid says nothing: a unit recorded running there is killed once
+    SLURM no longer lists its job (SIGKILL, out of memory, a lost node), running while it does, and
+    running where squeue cannot answer."""
+    units = [Unit("finetune", 0, "mnist", index=i) for i in range(2)]
+    write_plan(tmp_path, "mini-clip-tiny", [], [units])
+    for unit, job in zip(units, ("7_0", "7_1"), strict=True):
+        write_state(tmp_path, unit, "running")
+        state_file = tmp_path / "units" / unit.label / "state.json"
+        state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "host": "node-17", "job_id": job}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text("#!/bin/sh\nprintf '7_0\\n8\\n'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert [s["state"] for s in unit_status(tmp_path)] == ["running", "killed"]
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1\n")
+    assert [s["state"] for s in unit_status(tmp_path)] == ["running", "running"]
