@@ -10,16 +10,20 @@ single-machine run would. Phases are job arrays; on SLURM each waits for the one
 timed-out job is requeued and resumes from the cache. The cache and the run folder must be on a
 filesystem the nodes share.
 
-Each unit leaves ``RUN_DIR/units/LABEL/state.json`` (running / done / failed, host, pid, job id), which
-``negmerge-bench status RUN_DIR`` reads.
+Each unit leaves ``RUN_DIR/units/LABEL/state.json`` (running / done / failed / killed, host, pid, job
+id), which ``negmerge-bench status RUN_DIR`` reads. A cancelled job (``scancel``) records its running
+unit as killed and is not requeued; a rerun of the same command submits it again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +84,45 @@ def job_environment(cache: Path, expect_gpu: bool) -> dict[str, str]:
     return env
 
 
+class CancelRecorder:
+    """While a job runs its units: SIGTERM (``scancel``, or a preemption's first signal) records the unit
+    that is running as killed, then does what was done before (submitit logs and ignores it; Slurm's
+    SIGKILL follows after ``KillWait``).
+
+    Why: a cancelled job leaves no result and its process is gone, which ``status`` could only tell on
+    the node that ran it (a dead pid); the recorded state says it from anywhere. Nothing is requeued on
+    SIGTERM (submitit requeues only on its own timeout/preemption signal, USR2), so the cancel sticks:
+    the unit stays killed until a rerun submits it again. Installed only in the main thread (signal
+    handlers live there); the previous handler is put back after.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.current: Unit | None = None
+        self.received: str | None = None
+        self._previous: Any = None
+
+    def __enter__(self) -> CancelRecorder:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_term(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        if self.current is not None:
+            write_state(self.run_dir, self.current, "killed", error=f"{self.received}: cancelled or preempted")
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # no one else handles it: end as SIGTERM would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
 class UnitJob:
     """Units of a suite, as one submitit job: fills the shared cache; checkpointable by requeueing."""
 
@@ -101,15 +144,27 @@ class UnitJob:
 
         os.environ.update(job_environment(self.cache, self.expect_gpu))
         cfg = load_suite(self.suite, self.overrides)
-        for unit in self.units:
-            write_state(self.run_dir, unit, "running")
-            try:
-                run_suite(cfg, unit_dir(self.run_dir, unit), self.cache, unit)
-            except BaseException as exc:
-                write_state(self.run_dir, unit, "failed", error=f"{type(exc).__name__}: {exc}"[:500])
-                raise
-            write_state(self.run_dir, unit, "done")
-        return [u.label for u in self.units]
+        done: list[str] = []
+        with CancelRecorder(self.run_dir) as cancel:
+            for unit in self.units:
+                if cancel.received:
+                    break  # cancelled between units: the rest stay unstarted, and a rerun submits them
+                write_state(self.run_dir, unit, "running")
+                cancel.current = unit
+                if cancel.received:  # arrived while "running" was being written
+                    write_state(self.run_dir, unit, "killed", error=f"{cancel.received}: cancelled or preempted")
+                    break
+                try:
+                    run_suite(cfg, unit_dir(self.run_dir, unit), self.cache, unit)
+                except BaseException as exc:
+                    cancel.current = None
+                    state = "killed" if cancel.received else "failed"  # e.g. its data workers were signalled
+                    write_state(self.run_dir, unit, state, error=f"{type(exc).__name__}: {exc}"[:500])
+                    raise
+                cancel.current = None
+                write_state(self.run_dir, unit, "done")
+                done.append(unit.label)
+        return done
 
     def checkpoint(self) -> Any:
         """Preempted or out of time: requeue the same job; it resumes from the cache."""
@@ -241,12 +296,13 @@ def _wait(jobs: list[Any]) -> None:
 
 
 def unit_status(run_dir: Path) -> list[dict[str, Any]]:
-    """Every planned unit with its state: done, running, failed, killed (its process is gone), missing."""
+    """Every planned unit with its state: done, running, failed, killed (recorded on SIGTERM, or its
+    process is gone), missing."""
     plan_file = Path(run_dir) / "units" / "plan.json"
     if not plan_file.is_file():
         raise BenchError(f"{run_dir}: no units/plan.json; status reads a run submitted with --executor")
     plan = json.loads(plan_file.read_text())
-    rows = []
+    rows, queue = [], _Queue()
     for phase_no, phase in enumerate(plan["phases"], start=1):
         for d in phase:
             unit = Unit.from_dict(d)
@@ -257,10 +313,39 @@ def unit_status(run_dir: Path) -> list[dict[str, Any]]:
                 row.update(state=s["state"], job=s.get("job_id") or "", error=s.get("error", ""))
                 if s.get("job_id"):
                     row["log"] = str(Path(run_dir) / "cluster-logs" / str(s["job_id"]))
-                if s["state"] == "running" and s["host"] == socket.gethostname() and not _alive(s["pid"]):
+                if s["state"] == "running" and _gone(s, queue):
                     row["state"] = "killed"
             rows.append(row)
     return rows
+
+
+class _Queue:
+    """The SLURM jobs still queued or running, asked of ``squeue`` once, and only when needed (a unit
+    recorded running on another host); None where there is no ``squeue`` to ask."""
+
+    def __init__(self) -> None:
+        self._jobs: set[str] | None = None
+        self._asked = False
+
+    def jobs(self) -> set[str] | None:
+        if not self._asked:
+            self._asked = True
+            command = ["squeue", "--noheader", "--array", "--format=%i"]
+            try:
+                listed = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+                self._jobs = set(listed.stdout.split())
+            except (OSError, subprocess.SubprocessError):
+                self._jobs = None
+        return self._jobs
+
+
+def _gone(state: dict[str, Any], queue: _Queue) -> bool:
+    """A unit recorded running whose process is gone (killed without a word: SIGKILL, out of memory, a
+    lost node): on this host its pid is dead; on another, SLURM no longer lists its job."""
+    if state["host"] == socket.gethostname():
+        return not _alive(state["pid"])
+    listed = queue.jobs() if state.get("job_id") else None
+    return listed is not None and str(state["job_id"]) not in listed
 
 
 def _alive(pid: int) -> bool:

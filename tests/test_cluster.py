@@ -198,3 +198,80 @@ def test_a_rerun_of_the_same_plan_skips_the_units_that_are_done(tmp_path):
     # another plan in the same folder (other overrides): its states say nothing about this one
     assert finished_units(tmp_path, "mini-clip-tiny", ["seeds=[1]"], phases) == set()
     assert json.loads((tmp_path / "units" / "plan.json").read_text())["overrides"] == ["seeds=[1]"]
+
+
+def test_a_cancelled_job_records_its_running_unit_as_killed_and_stops(tmp_path):
+    """SIGTERM (what ``scancel`` sends first) to a job running its units: the running unit is recorded
+    killed (status says so from any host), the next unit is not started, and the process then ends as
+    SIGTERM would have (here no submitit handler was installed before ours)."""
+    units = [Unit("finetune", 0, "mnist", index=i) for i in range(2)]
+    write_plan(tmp_path, "mini-clip-tiny", [], [units])
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        import bench.runner
+        from bench.cluster import UnitJob
+        from bench.units import Unit
+
+        def slow(cfg, out, cache, unit):
+            Path({str(tmp_path)!r}, "started").write_text(unit.label)
+            time.sleep(60)
+
+        bench.runner.run_suite = slow
+        units = [Unit("finetune", 0, "mnist", index=i) for i in range(2)]
+        UnitJob("mini-clip-tiny", [], units, Path({str(tmp_path)!r}), Path({str(tmp_path / "cache")!r}))()
+        """
+    )
+    job = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "NEGMERGE_CACHE": str(tmp_path / "c")})
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=60) == -signal.SIGTERM
+    rows = {s["unit"]: s for s in unit_status(tmp_path)}
+    assert rows[units[0].label]["state"] == "killed" and "SIGTERM" in rows[units[0].label]["error"]
+    assert rows[units[1].label]["state"] == "missing"  # never started after the cancel
+
+
+def test_the_cancel_recorder_hands_sigterm_on_to_the_handler_before_it(tmp_path):
+    """Inside a submitit job SIGTERM is submitit's (it logs and ignores it, so a preempted job can still
+    checkpoint on USR2): the recorder records the unit, then calls that handler, then puts it back."""
+    from bench.cluster import CancelRecorder
+
+    unit = Unit("finetune", 0, "mnist", index=0)
+    write_plan(tmp_path, "mini-clip-tiny", [], [[unit]])
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        with CancelRecorder(tmp_path) as cancel:
+            cancel.current = unit
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+        assert seen == [signal.SIGTERM] and cancel.received == "SIGTERM"
+        assert signal.getsignal(signal.SIGTERM) is handler
+        assert unit_status(tmp_path)[0]["state"] == "killed"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_status_asks_the_queue_about_units_running_on_another_host(tmp_path, monkeypatch):
+    """From a login node a compute node's pid says nothing: a unit recorded running there is killed once
+    SLURM no longer lists its job (SIGKILL, out of memory, a lost node), running while it does, and
+    running where squeue cannot answer."""
+    units = [Unit("finetune", 0, "mnist", index=i) for i in range(2)]
+    write_plan(tmp_path, "mini-clip-tiny", [], [units])
+    for unit, job in zip(units, ("7_0", "7_1"), strict=True):
+        write_state(tmp_path, unit, "running")
+        state_file = tmp_path / "units" / unit.label / "state.json"
+        state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "host": "node-17", "job_id": job}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    squeue = bin_dir / "squeue"
+    squeue.write_text("#!/bin/sh\nprintf '7_0\\n8\\n'\n")
+    squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert [s["state"] for s in unit_status(tmp_path)] == ["running", "killed"]
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1\n")
+    assert [s["state"] for s in unit_status(tmp_path)] == ["running", "running"]
