@@ -38,10 +38,20 @@ def mia_efficacy(
     y = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
     from sklearn.svm import SVC  # here, not at import: sklearn costs seconds in every worker and CLI call
 
-    attacker = SVC(C=3, gamma="auto", kernel="rbf")
+    # random_state fixed: sklearn's fit draws a libsvm seed from numpy's *global* RNG otherwise (unused
+    # without probability estimates), and a fine-tune in another thread reads that RNG for RandAugment
+    attacker = SVC(C=3, gamma="auto", kernel="rbf", random_state=0)
     attacker.fit(x, y)
     predicted = attacker.predict(target_prob.numpy().reshape(-1, 1))
     return 100.0 * float((predicted == 0).mean())
+
+
+def preload() -> None:
+    """Import the attack's sklearn modules now, in the calling thread. Their import draws from Python's
+    global RNG, which a fine-tune running beside the scoring thread reads for RandAugment: a process
+    that scores while it fine-tunes imports them before either starts."""
+    import sklearn.metrics  # noqa: F401
+    import sklearn.svm  # noqa: F401
 
 
 def loss_attack_auc(member_loss: torch.Tensor, nonmember_loss: torch.Tensor) -> float:

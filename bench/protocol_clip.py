@@ -510,6 +510,9 @@ class ClipRun:
             }
         self._produce_ahead(tasks)
         if not self._producing:
+            from bench.metrics import preload
+
+            preload()  # before any fine-tune this process may make beside the scoring thread
             self._scoring = ThreadPoolExecutor(1, thread_name_prefix="scoring")
         try:
             self._evaluate_all(tasks)

@@ -52,6 +52,26 @@ def test_mia_efficacy_hand_case():
     assert mia_efficacy(members, nonmembers, torch.tensor([0.2, 0.22])) == pytest.approx(100.0)
 
 
+def test_the_membership_attack_leaves_the_global_rngs_alone():
+    """The attack is scored on a background thread while a fine-tune may run: RandAugment reads
+    Python's and numpy's global RNGs, so a draw from them here would change that candidate's bytes."""
+    import random
+
+    import numpy as np
+
+    from bench.metrics import preload
+
+    preload()  # importing sklearn draws from Python's RNG: a scoring process imports it up front
+    np.random.seed(11)
+    random.seed(11)
+    numpy_before, python_before = np.random.get_state(), random.getstate()
+    members, nonmembers = torch.rand(40, generator=torch.Generator().manual_seed(1)), torch.rand(40) * 0.5
+    mia_efficacy(members, nonmembers, torch.rand(10))
+    numpy_after = np.random.get_state()
+    assert (numpy_after[1] == numpy_before[1]).all() and numpy_after[2] == numpy_before[2]  # keys, position
+    assert random.getstate() == python_before
+
+
 def test_mia_balances_member_and_nonmember_counts():
     """Overlapping members (many) and non-members (few): unbalanced, the SVC would call everything a
     member; balanced, it learns the boundary and calls the non-member-like targets non-members."""
