@@ -780,10 +780,16 @@ class ClipRun:
         for i, ((study, method, _, members, tags), (fv, cv)) in enumerate(zip(points, curves, strict=True)):
             if i not in rates:  # its curve was cached: the merge is made for its consensus rate only
                 merge(i)
-            sel = self._select(ctx, fv, cv)
+            sel = self._select(ctx, fv, cv, self.criteria[0])  # the main table's criterion
             test = None
             if sel.feasible:
-                test = self._cached_test(vids[i], sel.lam, lambda i=i, lam=sel.lam: Edit(merge(i), -lam), ctx)
+                test = self._cached_test(
+                    vids[i],
+                    sel.lam,
+                    lambda i=i, lam=sel.lam: Edit(merge(i), -lam, self.linear_edits),
+                    ctx,
+                    self.vector_tag,
+                )
             size = len(members)
 
             def record(study=study, method=method, n=size, i=i, sel=sel, test=test, tags=tags):
@@ -796,7 +802,7 @@ class ClipRun:
     def _own_forget(self, ctx: EvalContext, ok: list[PoolEntry]) -> list[float | None]:
         """Each candidate's own selected forget Val (its curve is the single-best stage's, cached)."""
         curves = self._curves(ctx, [(e.key, partial(load_file, e.path)) for e in ok], f"lambda: {len(ok)} candidates")
-        return [self._select(ctx, fv, cv).forget_val for fv, cv in curves]
+        return [self._select(ctx, fv, cv, self.criteria[0]).forget_val for fv, cv in curves]
 
     def _training_method(self, ctx: EvalContext, method: str) -> None:
         """A training-based method: every setting's model scored on Val once; each criterion picks one."""
