@@ -184,9 +184,7 @@ register(Method("l1_sparse", "training", r"$\ell_1$-sparse", "#7f7f00", training
 register(Method("salun", "training", "SalUn", "#17becf", training=SalUn))
 register(Method("sisa", "sharded", "SISA", "darkgoldenrod", protocols=("classic",)))
 register(Method("single_best", "single", "Single best TA", "tab:purple", protocols=("clip", "classic")))
-register(
-    Method("single_run", "single", "Single run TA", "#c5b0d5", protocols=("clip", "classic"), candidate="default")
-)
+register(Method("single_run", "single", "Single run TA", "#c5b0d5", protocols=("clip", "classic"), candidate="default"))
 register(Method("average", "merge", "Uniform merge", "tab:blue", merge=average_merge, elementwise=True))
 register(Method("ties", "merge", "TIES", "tab:orange", merge=ties_merge))
 register(Method("magmax", "merge", "MagMax", "tab:green", merge=magmax_merge, elementwise=True))

@@ -9,6 +9,7 @@ and turned into the task vector ``theta_i - theta_0`` in float32. The path may h
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,8 @@ def pool_from_disk(pool, rec, pattern: str, theta0: str, dataset: str, seed: int
             "params": {"file": cand.path.name},  # what labels the candidate's curve
         }
         entry = pool.get_or_create(key_spec, lambda cand=cand: task_vector_of(cand, base, reference))
+        # its fine-tune ran elsewhere, at a cost nobody recorded: unknown, not zero (bench.cost)
+        entry = dataclasses.replace(entry, samples=None)
         rec.pool_member(entry, "from-disk", cand.path.name)
         entries.append(entry)
     return entries
