@@ -120,6 +120,13 @@ def _tex(text: str) -> str:
     return text.replace("%", "\\%").replace("^n", "$^n$").replace("_", "\\_")
 
 
+def _method_point(ax, method: str, x: float, y: float) -> None:
+    """One method as a point of a trade-off plot, in its registry colour and marker."""
+    ax.scatter(
+        x, y, color=colour(method), s=50, label=plain(method), marker=marker(method), edgecolor="k", linewidth=0.5
+    )
+
+
 def _bold(props_mask: pd.DataFrame) -> pd.DataFrame:
     return props_mask.replace({True: "textbf:--rwrap;", False: ""})
 
@@ -225,16 +232,7 @@ def clip_figures(
     for ax, ds in zip(axes[0], datasets):
         sub = test[test.dataset == ds].pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
         for m in _ordered(sub.index):
-            ax.scatter(
-                sub.loc[m, "control_acc"],
-                sub.loc[m, "forget_acc"],
-                color=colour(m),
-                s=50,
-                label=plain(m),
-                marker=marker(m),
-                edgecolor="k",
-                linewidth=0.5,
-            )
+            _method_point(ax, m, sub.loc[m, "control_acc"], sub.loc[m, "forget_acc"])
         ax.set(title=ds, xlabel="control accuracy (%), test", ylabel="forget accuracy (%), test (lower is better)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
@@ -723,16 +721,7 @@ def _criterion_figure(results: pd.DataFrame, protocol: str, out: Path, tag: str,
         means = sub.pivot_table(index="method", columns="metric", values="value", aggfunc="mean")
         for m in _ordered(means.index):
             if {control, "forget_acc"} <= set(means.columns) and means.loc[m, [control, "forget_acc"]].notna().all():
-                ax.scatter(
-                    means.loc[m, control],
-                    means.loc[m, "forget_acc"],
-                    color=colour(m),
-                    s=50,
-                    label=plain(m),
-                    marker=marker(m),
-                    edgecolor="k",
-                    linewidth=0.5,
-                )
+                _method_point(ax, m, means.loc[m, control], means.loc[m, "forget_acc"])
         ax.set(title=ds or title, xlabel=f"{control.replace('_', ' ')} (%), test", ylabel="forget accuracy (%), test")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
